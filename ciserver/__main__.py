@@ -1,0 +1,5 @@
+"""`python -m ciserver` is the `ciserver` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,118 @@
+"""The `ciserver` command line, run as a user runs it (a real process, a config file)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import DOMAIN, ORGANIZER
+from .organizer_mail import organizer_mail
+from .test_e2e import START
+
+CISERVER = [sys.executable, "-m", "ciserver"]
+
+
+class Cli:
+    def __init__(self, tmp_path: Path) -> None:
+        self.config = tmp_path / "c.toml"
+        self.config.write_text(
+            f'[server]\ndomain = "{DOMAIN}"\nstate_dir = "{tmp_path / "state"}"\n'
+            f'[organizers]\nallow = ["{ORGANIZER}"]\n'
+            '[relay]\nsmarthost = "127.0.0.1:9"\ntls = "none"\n')
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CISERVER_")}
+        self.tmp = tmp_path
+
+    def __call__(self, *args: str, code: int = 0, stdin: str | None = None
+                 ) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([*CISERVER, "-c", str(self.config), *args], env=self.env,
+                           capture_output=True, text=True, timeout=60, input=stdin)
+        assert r.returncode == code, (args, r.stdout, r.stderr)
+        return r
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    c = Cli(tmp_path)
+    assert "revision" in c("db", "upgrade").stdout
+    return c
+
+
+def test_needs_upgrade_first(tmp_path: Path) -> None:
+    c = Cli(tmp_path)
+    r = c("events", "list", code=1)
+    assert "ciserver db upgrade" in r.stderr
+
+
+def test_config_errors_are_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[smtp]\nlisten = "nope"\n')
+    r = subprocess.run([*CISERVER, "-c", str(bad), "events", "list"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1
+    assert f'{bad}: [smtp] listen: expected "host:port"' in r.stderr
+
+
+def test_keys_invites_reports_and_inbox(cli: Cli) -> None:
+    key = cli("apikey", "create", "--organizer", ORGANIZER).stdout.strip().splitlines()[-1]
+    assert key.startswith("cis_") and " " not in key
+    assert "--organizer" in cli("apikey", "create", code=2).stderr
+    listing = cli("apikey", "list").stdout
+    assert key[:12] in listing
+    # The organizer's invite, fed through the inbox as saved mail.
+    eml = cli.tmp / "invite.eml"
+    eml.write_bytes(organizer_mail("apple", uid="apple-uid-1", start=START,
+                                   end=START.replace(hour=3), summary="Cup final"))
+    assert "stored as inbox message" in cli("inbox", "import", str(eml), "--to",
+                                            f"create@{DOMAIN}").stdout
+    bad = cli.tmp / "bad.eml"
+    bad.write_bytes(b"From: zach@team.example\r\nSubject: x\r\nContent-Type: text/calendar\r\n\r\n"
+                    b"BEGIN:VCALENDAR\r\nBEGIN:VEVENT\r\nDTSTART:garbage\r\nUID:b\r\n"
+                    b"END:VCALENDAR\r\n")
+    cli("inbox", "import", str(bad), "--to", f"create@{DOMAIN}")
+    # Nothing runs the daemon here: process the inbox the way the daemon would.
+    subprocess.run([sys.executable, "-c", (
+        "import asyncio\n"
+        "from ciserver import config\n"
+        "from ciserver.services.context import Services\n"
+        "from ciserver.services import inbox\n"
+        f"cfg = config.load({str(cli.config)!r})\n"
+        "async def main():\n"
+        "    svc = Services.open(cfg)\n"
+        "    await inbox.drain(svc)\n"
+        "    await svc.close()\n"
+        "asyncio.run(main())\n")], check=True, env=cli.env, timeout=60)
+    inbox_list = cli("inbox", "list").stdout
+    assert "done" in inbox_list and "failed" in inbox_list
+    shown = cli("inbox", "show", "2").stdout
+    assert "status:      failed" in shown and "error:" in shown
+    assert cli("inbox", "show", "1", "--raw").stdout.startswith("From: Zach Lowe")
+    assert "1 message(s) queued" in cli("inbox", "retry", "2").stdout
+    assert "no inbox message 99" in cli("inbox", "show", "99", code=1).stderr
+
+    events = cli("events", "list").stdout
+    assert "Cup final" in events
+    fans = cli.tmp / "fans.csv"
+    fans.write_text("email,name\nfan1@example.com,One\nFan2@Example.com,Two\n")
+    assert "2 invite(s) queued" in cli("invite", "apple-uid-1", "--csv", str(fans)).stdout
+    assert "1 already had it" in cli("invite", "apple-uid-1", "--email",
+                                     "fan1@example.com").stdout
+    r = cli("invite", "apple-uid-1", "--email", "not-an-address", code=1)
+    assert "not a valid email address" in r.stderr
+    assert "no event 'nope'" in cli("report", "event", "nope", code=1).stderr
+
+    out = cli("report", "event", "apple-uid-1", "--format", "csv").stdout
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["email"] for r in rows] == ["fan1@example.com", "fan2@example.com"]
+    assert all(r["rsvp"] == "" and r["event_uid"] == "apple-uid-1" for r in rows)
+    assert "fan2@example.com" in cli("report", "organizer", ORGANIZER).stdout
+    domain_csv = cli("report", "domain", "team.example", "--format", "csv", "--bom").stdout
+    assert domain_csv.startswith("\ufeffevent_uid,")
+    assert "queued for delivery to zach@team.example" in cli("report", "event", "apple-uid-1",
+                                                            "--send").stdout
+    assert "depth:" in cli("queue", "list").stdout

@@ -1,0 +1,645 @@
+"""The organizer console as an organizer meets it (httpx against the ASGI app): sign-in by a
+magic link read from the mail the smarthost receives, sessions and CSRF, live answer counts,
+the page configurator with its preview, escaping and security headers."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from ciserver import relay
+from ciserver.services import events, pages, subscriptions
+from ciserver.services.auth import ConsoleAuth
+from ciserver.services.context import Services
+from ciserver.store import models
+from ciserver.web import console
+from ciserver.web.app import create_app
+
+from .conftest import DOMAIN, ORGANIZER, Sink, open_pipeline
+from .fixtures import load_fixture
+
+BASE = "https://invites.example.com"
+START = datetime(2027, 5, 1, 18, 0, tzinfo=UTC)
+XSS = '<script>alert(1)</script><img src=x onerror="alert(2)">'
+XSS_TITLE = '"><svg onload=alert(3)>'
+
+
+def client_for(app: FastAPI) -> httpx.AsyncClient:
+    """One browser (its own cookies) talking to ``app`` (one server process)."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE)
+
+
+@pytest.fixture
+def app(svc: Services) -> FastAPI:
+    return create_app(svc)
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(app) as c:
+        yield c
+
+
+@pytest.fixture(params=["public", "fallback"])
+def renderer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Previews drawn by the public pages' renderer, or by the console's own (used when
+    ciserver.web.public is not installed)."""
+    if request.param == "fallback":
+        monkeypatch.setattr(console, "_public", lambda: None)
+    return str(request.param)
+
+
+def csrf_of(page: str) -> str:
+    m = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert m, page
+    return m.group(1)
+
+
+async def make_event(svc: Services, organizer: str = ORGANIZER, summary: str = "Game 1",
+                     start: datetime = START) -> str:
+    async with svc.sessions.begin() as session:
+        event = await events.create_via_api(svc, session, organizer=organizer,
+                                            organizer_name="Org", summary=summary,
+                                            start=start, end=start + timedelta(hours=2))
+        return event.public_id
+
+
+async def ask_link(svc: Services, client: httpx.AsyncClient, sink: Sink,
+                   email: str = ORGANIZER) -> str:
+    """Ask for a sign-in link on the form; return the link from the mail."""
+    r = await client.get("/console/login")
+    assert r.status_code == 200
+    r = await client.post("/console/login", data={"email": email, "csrf": csrf_of(r.text)})
+    assert r.status_code == 200, r.text
+    sink.clear()
+    await relay.Relay(svc).drain()
+    mails = sink.to(email)
+    assert len(mails) == 1, [m.rcpt_tos for m in sink.messages]
+    m = re.search(re.escape(BASE) + r"/console/auth\?token=(\S+)", mails[0].text())
+    assert m, mails[0].text()
+    return m.group(0)
+
+
+async def sign_in(svc: Services, client: httpx.AsyncClient, sink: Sink,
+                  email: str = ORGANIZER) -> None:
+    link = await ask_link(svc, client, sink, email)
+    r = await client.get(link)
+    assert r.status_code == 200 and "Sign in" in r.text
+    token = re.search(r'name="token" value="([^"]+)"', r.text)
+    assert token
+    r = await client.post("/console/auth", data={"csrf": csrf_of(r.text),
+                                                 "token": html.unescape(token.group(1))})
+    assert r.status_code == 303 and r.headers["location"] == "/console", r.text
+
+
+# --------------------------------------------------------------------------------------------
+# Sign-in
+
+
+async def test_sign_in_by_magic_link(app: FastAPI, svc: Services, client: httpx.AsyncClient,
+                                     sink: Sink) -> None:
+    r = await client.get("/console")
+    assert r.status_code == 303 and r.headers["location"] == "/console/login"
+    link = await ask_link(svc, client, sink)
+    mail = sink.to(ORGANIZER)[0]
+    assert mail.message["Subject"].startswith("Your sign-in link")
+    assert "15 minutes" in mail.text() and "works once" in mail.text()
+
+    # Opening the link (what a mail scanner does) signs nobody in and uses nothing up.
+    async with client_for(app) as scanner:
+        for _ in range(2):
+            r = await scanner.get(link)
+            assert r.status_code == 200 and ORGANIZER in r.text
+            assert 'action="/console/auth"' in r.text
+        assert (await scanner.get("/console")).status_code == 303
+        assert "ci_session" not in scanner.cookies
+
+    r = await client.get(link)
+    token = html.unescape(re.search(r'name="token" value="([^"]+)"', r.text).group(1))  # type: ignore[union-attr]
+    # Where to go afterwards is fixed: no parameter can turn it into an open redirect.
+    r = await client.post("/console/auth?next=https://evil.example/",
+                          data={"csrf": csrf_of(r.text), "token": token,
+                                "next": "https://evil.example/"})
+    assert r.status_code == 303 and r.headers["location"] == "/console"
+    cookie = next(v for k, v in r.headers.multi_items()
+                  if k == "set-cookie" and v.startswith("ci_session="))
+    flags = [p.strip().lower() for p in cookie.split(";")]
+    assert "httponly" in flags and "secure" in flags and "samesite=lax" in flags
+    assert "path=/console" in flags and "max-age=43200" in flags
+
+    r = await client.get("/console")
+    assert r.status_code == 200 and ORGANIZER in r.text and "Your events" in r.text
+    session_value = client.cookies["ci_session"]
+
+    # Signing out is a POST with the session's CSRF token.
+    r = await client.post("/console/logout")
+    assert r.status_code == 403
+    r = await client.post("/console/logout", data={"csrf": csrf_of((await client.get(
+        "/console")).text)})
+    assert r.status_code == 303 and r.headers["location"] == "/console/login?signed_out=1"
+    assert (await client.get("/console")).status_code == 303
+    # The old cookie, replayed, is refused too.
+    async with client_for(app) as thief:
+        thief.cookies.set("ci_session", session_value, domain="invites.example.com",
+                          path="/console")
+        assert (await thief.get("/console")).status_code == 303
+
+
+async def test_link_expiry_reuse_and_tampering(app: FastAPI, svc: Services,
+                                               client: httpx.AsyncClient, sink: Sink) -> None:
+    link = await ask_link(svc, client, sink)
+    token = link.split("token=", 1)[1]
+
+    async def confirm(c: httpx.AsyncClient, tok: str) -> httpx.Response:
+        page = await c.get("/console/login")
+        return await c.post("/console/auth", data={"csrf": csrf_of(page.text), "token": tok})
+
+    # expired: 16 minutes later
+    real_clock = svc.clock
+    svc.clock = lambda: real_clock() + timedelta(minutes=16)
+    r = await client.get(link)
+    assert r.status_code == 400 and "expired" in r.text
+    r = await confirm(client, token)
+    assert r.status_code == 400 and "ci_session" not in client.cookies
+    svc.clock = real_clock
+
+    # tampered: another address in the payload, a flipped tag, another server's secret
+    version, payload, tag = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["e"] = "mallory@nba.example"
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    other = ConsoleAuth(b"another-secret", 3600).link_token(ORGANIZER, svc.now())
+    session_value, _ = ConsoleAuth(svc.book.secret, 3600).new_session(ORGANIZER, svc.now())
+    for bad in (f"{version}.{forged}.{tag}", f"{version}.{payload}.{tag[:-2]}AA", other,
+                session_value, "", "x" * 5000):
+        r = await client.get("/console/auth", params={"token": bad})
+        assert r.status_code == 400, bad
+        r = await confirm(client, bad)
+        assert r.status_code == 400 and "ci_session" not in client.cookies
+
+    # used once: the second use fails, in this browser or any other
+    assert (await confirm(client, token)).status_code == 303
+    async with client_for(app) as other_browser:
+        r = await other_browser.get(link)
+        assert r.status_code == 400 and "already used" in r.text
+        r = await confirm(other_browser, token)
+        assert r.status_code == 400 and "ci_session" not in other_browser.cookies
+
+    # A session cookie is not a link token and vice versa; a forged cookie is ignored.
+    async with client_for(app) as forger:
+        forger.cookies.set("ci_session", token, domain="invites.example.com", path="/console")
+        assert (await forger.get("/console")).status_code == 303
+        forger.cookies.set("ci_session", session_value[:-3] + "abc",
+                           domain="invites.example.com", path="/console")
+        assert (await forger.get("/console")).status_code == 303
+
+
+async def test_same_answer_for_everyone_but_mail_only_for_organizers(
+        svc: Services, client: httpx.AsyncClient, sink: Sink) -> None:
+    await make_event(svc, organizer="owner@elsewhere.example")  # owns events, not allowed
+
+    async def ask(email: str) -> str:
+        page = await client.get("/console/login")
+        r = await client.post("/console/login", data={"email": email,
+                                                      "csrf": csrf_of(page.text)})
+        assert r.status_code == 200
+        return r.text.replace(email, "EMAIL")
+
+    sink.clear()
+    answers = {e: await ask(e) for e in (ORGANIZER, "stranger@elsewhere.example",
+                                         "coach@nba.example", "owner@elsewhere.example")}
+    assert len(set(answers.values())) == 1
+    assert "If EMAIL may sign in, a sign-in link is on its way" in answers[ORGANIZER]
+    await relay.Relay(svc).drain()
+    got = sorted(r.lower() for m in sink.messages for r in m.rcpt_tos)
+    assert got == ["coach@nba.example", "owner@elsewhere.example", ORGANIZER]
+
+    r = await client.post("/console/login", data={
+        "email": "not an address", "csrf": csrf_of((await client.get("/console/login")).text)})
+    assert r.status_code == 422 and "valid email address" in r.text
+
+    # The link of an address that loses the right to organize stops working.
+    link = await ask_link(svc, client, sink, "coach@nba.example")
+    svc.config.organizers.allow = [ORGANIZER]
+    try:
+        page = await client.get(link)
+        r = await client.post("/console/auth", data={
+            "csrf": csrf_of(page.text), "token": link.split("token=", 1)[1]})
+        assert r.status_code == 400 and "ci_session" not in client.cookies
+    finally:
+        svc.config.organizers.allow = [ORGANIZER, "*@nba.example"]
+
+
+async def test_sign_in_requests_are_rate_limited(svc: Services,
+                                                 client: httpx.AsyncClient) -> None:
+    limit = svc.config.web.rate_limit_per_address
+    csrf = csrf_of((await client.get("/console/login")).text)
+    codes = []
+    for _ in range(limit + 1):
+        r = await client.post("/console/login", data={"email": "stranger@elsewhere.example",
+                                                      "csrf": csrf})
+        codes.append(r.status_code)
+    assert codes == [200] * limit + [429]
+    assert "Retry-After" in r.headers
+    # another address is still served
+    r = await client.post("/console/login", data={"email": ORGANIZER, "csrf": csrf})
+    assert r.status_code == 200
+
+
+async def test_csrf(app: FastAPI, svc: Services, client: httpx.AsyncClient, sink: Sink) -> None:
+    # sign-in forms: their token is bound to a cookie this browser got with the form
+    r = await client.get("/console/login")
+    good = csrf_of(r.text)
+    async with client_for(app) as attacker:
+        r = await attacker.post("/console/login", data={"email": ORGANIZER, "csrf": good})
+        assert r.status_code == 403
+        r = await attacker.post("/console/login", data={"email": ORGANIZER})
+        assert r.status_code == 403
+
+    await sign_in(svc, client, sink)
+    mine = await make_event(svc)
+    token = csrf_of((await client.get("/console/pages/new")).text)
+    form = {"title": "Season", "layout": "list", "events": mine}
+    for data, headers in (
+            (form, {}),  # no token: what a cross-site form sends
+            ({**form, "csrf": "forged"}, {}),
+            ({**form, "csrf": good}, {}),  # the pre-session token does not fit a session
+            ({**form, "csrf": token}, {"Sec-Fetch-Site": "cross-site"})):
+        r = await client.post("/console/pages/new", data=data, headers=headers)
+        assert r.status_code == 403, (data, headers)
+        assert "Form refused" in r.text
+    for path in ("/console/pages/new", "/console/preview", "/console/logout"):
+        assert (await client.post(path, data=form)).status_code == 403
+    async with svc.sessions() as session:
+        assert not await pages.of_organizer(session, ORGANIZER)
+    # a second session of the same organizer has its own token
+    async with client_for(app) as second:
+        await sign_in(svc, second, sink)
+        r = await second.post("/console/pages/new", data={**form, "csrf": token})
+        assert r.status_code == 403
+    r = await client.post("/console/pages/new", data={**form, "csrf": token})
+    assert r.status_code == 303
+
+
+# --------------------------------------------------------------------------------------------
+# Events and live counts
+
+
+async def test_counts_appear_and_change(app: FastAPI, svc: Services, sink: Sink) -> None:
+    fan = "fan.one@example.com"  # the ATTENDEE of tests/data/outlook_reply_accept.eml
+    async with open_pipeline(svc, sink) as p, client_for(app) as client:
+        event_id = await make_event(svc, summary="Opener")
+        other = await make_event(svc, organizer="coach@nba.example", summary="Not mine")
+        await sign_in(svc, client, sink)
+        tokens = await p.subscribe(event_id, fan, "fan.two@example.com", "gone@example.com")
+
+        r = await client.get("/console/counts.json")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        assert r.headers["cache-control"] == "no-store"
+        rows = r.json()["events"]
+        assert [e["id"] for e in rows] == [event_id]  # never another organizer's events
+        assert rows[0] == {"id": event_id, "status": "confirmed", "Y": 0, "N": 0, "M": 0,
+                                "no_answer": 3, "bounced": 0, "unsubscribed": 0,
+                                "invited": 3}
+        page = (await client.get("/console")).text
+        assert "Opener" in page and "Not mine" not in page and other not in page
+        assert f"{BASE}/e/{event_id}" in page
+        assert 'data-counts-url="/console/counts.json"' in page
+        assert '<td class="num" data-count="no_answer">3</td>' in page
+
+        event = await p.event(event_id)
+        raw = load_fixture("outlook_reply_accept.eml", token=tokens[fan], uid=event.uid)
+        row = await p.deliver(f"rsvp+{tokens[fan]}@{DOMAIN}", raw, fan)
+        assert row.status == "done", row.result
+        sub = await p.subscription(event_id, "gone@example.com")
+        async with svc.sessions.begin() as session:
+            sub = await session.get(models.Subscription, sub.id)
+            assert sub is not None
+            await subscriptions.stop(svc, session, sub, "bounced")
+
+        counts = (await client.get("/console/counts.json")).json()["events"][0]
+        assert (counts["Y"], counts["no_answer"], counts["bounced"]) == (1, 2, 1)
+        page = (await client.get("/console")).text
+        assert '<td class="num" data-count="Y">1</td>' in page
+        assert '<td class="num" data-count="bounced">1</td>' in page
+
+    async with client_for(app) as anonymous:
+        r = await anonymous.get("/console/counts.json")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+
+
+# --------------------------------------------------------------------------------------------
+# Pages
+
+
+async def test_page_configurator(app: FastAPI, svc: Services, client: httpx.AsyncClient,
+                                 sink: Sink) -> None:
+    one = await make_event(svc, summary="Game 1")
+    two = await make_event(svc, summary="Game 2", start=START + timedelta(days=7))
+    theirs = await make_event(svc, organizer="coach@nba.example", summary="Theirs")
+    await sign_in(svc, client, sink)
+    r = await client.get("/console/pages/new")
+    assert r.status_code == 200
+    csrf = csrf_of(r.text)
+    for name in ("title", "intro", "layout", "color_primary", "color_background", "color_text",
+                 "logo_url", "background_url", "date_from", "date_to", "events"):
+        assert f'name="{name}"' in r.text, name
+    assert 'type="color"' in r.text and "Game 1" in r.text and "Theirs" not in r.text
+    assert '<iframe id="preview"' in r.text
+
+    good = {"csrf": csrf, "title": "Season 2027", "intro": "All home games",
+            "layout": "grid", "color_primary": "#aa0000", "color_background": "#ffffff",
+            "color_text": "#111111", "logo_url": "https://cdn.example.com/logo.png",
+            "background_url": "", "date_from": "2027-04-01", "date_to": "2027-05-31",
+            "slug": "season-2027", "events": [one, two]}
+    for change, message in (
+            ({"color_primary": "red"}, "color_primary: expected a color like #0b57d0"),
+            ({"logo_url": "javascript:alert(1)"}, "logo_url: expected an https:// URL"),
+            ({"background_url": 'https://x.example/a"b'}, "background_url: expected"),
+            ({"layout": "carousel"}, "layout: expected one of single, list, grid"),
+            ({"date_from": "2027-06-01"}, "date_to: must not be before date_from"),
+            ({"date_to": "tomorrow"}, "date_to: expected a date like 2027-05-01"),
+            ({"events": [one, theirs]}, "is not one of your events"),
+            ({"slug": "Not A Slug!"}, "slug: lower-case letters"),
+            ({"slug": "new"}, "slug: &#39;new&#39; is reserved")):
+        r = await client.post("/console/pages/new", data={**good, **change})
+        assert r.status_code == 422, change
+        assert message in r.text, (change, r.text)
+        assert 'value="Season 2027"' in r.text  # what was typed is kept
+    async with svc.sessions() as session:
+        assert not await pages.of_organizer(session, ORGANIZER)
+
+    r = await client.post("/console/pages/new", data=good)
+    assert r.status_code == 303 and r.headers["location"] == "/console/pages/season-2027?saved=1"
+    r = await client.get(r.headers["location"])
+    assert r.status_code == 200 and "Saved." in r.text
+    assert f"{BASE}/p/season-2027" in r.text
+    assert "(2 events on it now)" in r.text
+    # the embed snippets of the public pages, to copy
+    assert "Button for your web site" in r.text
+    assert "&lt;script src=&#34;https://invites.example.com/embed.js&#34;" in r.text
+    assert "email={{email}}" in r.text
+    async with svc.sessions() as session:
+        page = await pages.by_slug(session, "season-2027")
+        assert page is not None and page.organizer_email == ORGANIZER
+        s = pages.settings_of(page)
+    assert (s.title, s.layout, s.color_primary, s.event_ids) == (
+        "Season 2027", "grid", "#aa0000", (one, two))
+    assert s.date_from == datetime(2027, 4, 1, tzinfo=UTC)
+    assert s.date_to == datetime(2027, 5, 31, 23, 59, 59, tzinfo=UTC)
+    # the editor shows the saved values back
+    assert 'value="#aa0000"' in r.text and 'value="2027-04-01"' in r.text
+    assert re.search(r'value="grid"\s+checked', r.text)
+    assert re.search(rf'value="{one}"\s+checked', r.text)
+
+    # taken slugs
+    r = await client.post("/console/pages/new", data=good)
+    assert r.status_code == 422 and "is taken" in r.text
+
+    # edit
+    edit = {**good, "csrf": csrf_of(r.text), "layout": "list", "color_primary": "#00aa00",
+            "events": [two]}
+    edit.pop("slug")
+    r = await client.post("/console/pages/season-2027", data={**edit, "color_text": "black"})
+    assert r.status_code == 422 and "color_text: expected a color" in r.text
+    async with svc.sessions() as session:
+        page = await pages.by_slug(session, "season-2027")
+        assert page is not None and page.layout == "grid"  # unchanged
+    r = await client.post("/console/pages/season-2027", data=edit)
+    assert r.status_code == 303 and r.headers["location"] == "/console/pages/season-2027?saved=1"
+    async with svc.sessions() as session:
+        page = await pages.by_slug(session, "season-2027")
+        assert page is not None
+        assert (page.layout, page.color_primary) == ("list", "#00aa00")
+        assert [e.public_id for e in await pages.events_of(session, page)] == [two]
+
+    r = await client.get("/console/pages")
+    assert r.status_code == 200 and "Season 2027" in r.text and f"{BASE}/p/season-2027" in r.text
+
+    # Another organizer sees nothing of it and cannot change it.
+    async with client_for(app) as coach:
+        await sign_in(svc, coach, sink, "coach@nba.example")
+        assert (await coach.get("/console/pages/season-2027")).status_code == 404
+        csrf_coach = csrf_of((await coach.get("/console/pages")).text)
+        r = await coach.post("/console/pages/season-2027",
+                             data={**edit, "csrf": csrf_coach, "events": []})
+        assert r.status_code == 404
+        assert "Season 2027" not in (await coach.get("/console/pages")).text
+
+
+async def test_preview_applies_unsaved_settings(svc: Services, client: httpx.AsyncClient,
+                                                sink: Sink, renderer: str) -> None:
+    one = await make_event(svc, summary="Game 1")
+    await make_event(svc, summary="Game 2", start=START + timedelta(days=7))
+    theirs = await make_event(svc, organizer="coach@nba.example", summary="Theirs")
+    r = await client.get("/console/preview", params={"title": "x"})
+    assert r.status_code == 303  # signed-in organizers only
+    await sign_in(svc, client, sink)
+
+    r = await client.get("/console/preview", params={
+        "title": "Unsaved title", "layout": "grid", "color_primary": "#ff0000",
+        "background_url": "https://cdn.example.com/bg.jpg?a=1&b=2", "events": [one]})
+    assert r.status_code == 200
+    assert "Unsaved title" in r.text and "#ff0000" in r.text and "Game 1" in r.text
+    assert "Game 2" not in r.text
+    assert 'url("https://cdn.example.com/bg.jpg?a=1&b=2")' in r.text
+    csp = r.headers["content-security-policy"]
+    assert "frame-ancestors 'self'" in csp and "frame-ancestors 'none'" not in csp
+    assert "form-action 'none'" in csp and "form-action 'self'" not in csp
+    assert "'unsafe-inline'" not in csp
+    assert r.headers["x-frame-options"] == "SAMEORIGIN"
+    # all events in the range when none is chosen; another organizer's never
+    r = await client.get("/console/preview", params={"title": "All"})
+    assert "Game 1" in r.text and "Game 2" in r.text and "Theirs" not in r.text
+    r = await client.get("/console/preview", params={"events": [theirs]})
+    assert r.status_code == 422 and "Theirs" not in r.text
+    r = await client.get("/console/preview", params={"color_text": "red;}</style><script>"})
+    assert r.status_code == 422 and "<script>" not in r.text
+    assert "color_text: expected a color" in r.text
+    # the no-JavaScript path: the form posted into the frame
+    csrf = csrf_of((await client.get("/console/pages/new")).text)
+    r = await client.post("/console/preview", data={"csrf": csrf, "title": "Posted",
+                                                    "layout": "single"})
+    assert r.status_code == 200 and "Posted" in r.text
+    async with svc.sessions() as session:
+        assert not await pages.of_organizer(session, ORGANIZER)  # nothing saved
+
+
+# --------------------------------------------------------------------------------------------
+# Escaping and headers
+
+
+async def test_organizer_text_is_escaped_everywhere(svc: Services, client: httpx.AsyncClient,
+                                                    sink: Sink, renderer: str) -> None:
+    eid = await make_event(svc, summary=XSS)
+    await sign_in(svc, client, sink)
+    csrf = csrf_of((await client.get("/console/pages/new")).text)
+    r = await client.post("/console/pages/new", data={
+        "csrf": csrf, "title": XSS_TITLE, "intro": XSS, "layout": "list", "slug": "xss",
+        "events": [eid]})
+    assert r.status_code == 303
+    bodies = {
+        "home": (await client.get("/console")).text,
+        "pages": (await client.get("/console/pages")).text,
+        "editor": (await client.get("/console/pages/xss")).text,
+        "new": (await client.get("/console/pages/new")).text,
+        "preview": (await client.get("/console/preview", params={
+            "title": XSS_TITLE, "intro": XSS, "events": [eid]})).text,
+        "invalid": (await client.post("/console/pages/new", data={
+            "csrf": csrf, "title": XSS_TITLE, "intro": XSS, "layout": XSS})).text,
+    }
+    for name, body in bodies.items():
+        assert "<script>alert" not in body, name
+        assert "<img src=x" not in body and "<svg onload" not in body, name
+        assert 'onerror="alert' not in body, name
+        for tag in re.findall(r"<script\b[^>]*>", body):  # our own files, or data
+            assert re.fullmatch(r'<script (src="/(console/)?static/[a-z]+\.js(\?v=\w+)?"( defer)?'
+                                r'|type="application/ld\+json")>', tag), (name, tag)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in bodies["home"]
+    assert "&#34;&gt;&lt;svg onload=alert(3)&gt;" in bodies["pages"]
+    assert "&lt;svg onload=alert(3)&gt;" in bodies["preview"]
+
+
+async def test_security_headers_and_static_files(svc: Services, client: httpx.AsyncClient,
+                                                 sink: Sink) -> None:
+    for path in ("/console/login", "/console/auth?token=x"):
+        r = await client.get(path)
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp
+        assert r.headers["x-frame-options"] == "DENY"
+        assert r.headers["referrer-policy"] == "no-referrer"
+        assert r.headers["cache-control"] == "no-store"
+        assert '<link rel="stylesheet" href="/console/static/console.css">' in r.text
+        assert "style=" not in r.text  # inline styles would be blocked by the CSP
+    await sign_in(svc, client, sink)
+    for path in ("/console", "/console/pages", "/console/pages/new"):
+        r = await client.get(path)
+        assert r.status_code == 200
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+        assert "frame-src 'self'" in r.headers["content-security-policy"]
+        assert "style=" not in r.text
+    r = await client.get("/console/static/console.js")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript")
+    assert "counts" in r.text
+    r = await client.get("/console/static/console.css")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/css")
+    for bad in ("../console.py", "..%2Fconsole.py", "nope.js"):
+        assert (await client.get(f"/console/static/{bad}")).status_code == 404
+
+
+# --------------------------------------------------------------------------------------------
+# In a real browser (Debian's headless Chromium through Playwright, never a downloaded one),
+# against `ciserver serve`: console.js and the CSP must work together.
+
+
+def until(predicate: Callable[[], bool], seconds: float) -> None:
+    """Poll (page scripts run under our CSP, which forbids the eval wait_for_function uses)."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def test_console_in_a_browser(tmp_path: Path, sink: Sink) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("Debian's chromium is not installed")
+    from .test_e2e import Daemon
+
+    artifacts = Path(__file__).resolve().parents[1] / "artifacts" / "browser"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    daemon = Daemon(tmp_path, sink)
+    daemon.start()
+    try:
+        key = daemon.cli("apikey", "create", "--organizer", ORGANIZER).stdout.split()[-1]
+        auth = {"Authorization": f"Bearer {key}"}
+        ids = []
+        for n in range(2):
+            r = httpx.post(f"{daemon.url}/api/v1/events", headers=auth, json={
+                "summary": f"Knicks vs Team {n}", "start": f"2030-01-1{n}T19:30:00",
+                "end": f"2030-01-1{n}T22:00:00", "timezone": "America/New_York"})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+        sink.clear()
+        problems: list[str] = []
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"])
+            try:
+                page = browser.new_page()
+                page.on("console", lambda m: problems.append(m.text)
+                        if m.type in ("error", "warning") else None)
+                page.on("pageerror", lambda e: problems.append(str(e)))
+
+                page.goto(f"{daemon.url}/console")
+                assert page.url.endswith("/console/login")
+                page.fill("#email", ORGANIZER)
+                page.click("button[type=submit]")
+                page.wait_for_selector("text=Check your mailbox")
+                mail = next(m for m in sink.wait(1, timeout=20) if ORGANIZER in m.rcpt_tos)
+                link = re.search(r"http://\S+/console/auth\?token=\S+", mail.text())
+                assert link
+                page.goto(link.group(0))
+                page.click("button:has-text('Sign in')")
+                page.wait_for_selector("#events")
+                assert page.url == f"{daemon.url}/console"
+                cell = f"tr[data-event-id='{ids[0]}'] [data-count=no_answer]"
+                assert page.inner_text(cell) == "0"
+
+                # A fan asks for the invite: the count changes without a reload.
+                r = httpx.post(f"{daemon.url}/api/v1/events/{ids[0]}/invites",
+                               json={"email": "fan@example.net"})
+                assert r.status_code == 202
+                until(lambda: page.inner_text(cell) == "1", 15)
+                page.screenshot(path=str(artifacts / "console-events.png"), full_page=True)
+
+                # A new page: the preview follows the color input before anything is saved.
+                page.goto(f"{daemon.url}/console/pages/new")
+                page.fill("#title", "Knicks at home")
+                page.check("input[name=layout][value=grid]")
+                page.fill("#color_primary", "#c8102e")
+                until(lambda: "c8102e" in (page.get_attribute("#preview", "src") or ""), 10)
+
+                def preview_html() -> str:
+                    frame = page.frame(name="preview")
+                    try:
+                        return frame.content() if frame is not None else ""
+                    except sync_api.Error:  # navigating
+                        return ""
+
+                until(lambda: "#c8102e" in preview_html(), 10)
+                assert "Knicks at home" in preview_html()
+                page.screenshot(path=str(artifacts / "console-page-editor.png"),
+                                full_page=True)
+                page.click("button:has-text('Create page')")
+                page.wait_for_selector("text=Saved.")
+                share = page.input_value("#share-copy")
+                page.screenshot(path=str(artifacts / "console-page-saved.png"), full_page=True)
+                assert re.fullmatch(re.escape(daemon.url) + r"/p/knicks-at-home-[0-9a-f]{6}",
+                                    share), share
+
+                # The saved page shows the color.
+                page.goto(share)
+                assert "#c8102e" in page.content()
+                page.screenshot(path=str(artifacts / "console-saved-page.png"),
+                                full_page=True)
+            finally:
+                browser.close()
+        assert not [m for m in problems if "Content Security Policy" in m or "Refused" in m], \
+            problems
+    finally:
+        daemon.stop()
