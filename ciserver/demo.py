@@ -26,7 +26,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from . import config as config_mod
 from .daemon import serve
-from .services import apikeys, reports
+from .services import apikeys, pages, reports
 from .services.context import Services
 
 DOMAIN = "invites.demo.localhost"
@@ -152,8 +152,9 @@ async def run(state_dir: Path, web_port: int = 8080, say: Callable[[str], None] 
         smarthost.close()
         return 1
     if keep_running:
-        say(f"\nciserver keeps running. Open {cfg.base_url}/e/{_first_id(svc)} in a browser "
-            "(or the API at /api/docs); Ctrl-C stops it.")
+        say(f"\nciserver keeps running. Open the season page {cfg.base_url}/p/"
+            f"{_PAGES.get(id(svc), '')} or the game's page {cfg.base_url}/e/{_first_id(svc)} "
+            f"in a browser (the API is at {cfg.base_url}/api/docs); Ctrl-C stops it.")
         await daemon
     else:
         stop.set()
@@ -163,6 +164,7 @@ async def run(state_dir: Path, web_port: int = 8080, say: Callable[[str], None] 
 
 
 _IDS: dict[int, str] = {}
+_PAGES: dict[int, str] = {}
 
 
 def _first_id(svc: Services) -> str:
@@ -208,9 +210,18 @@ async def _story(svc: Services, cfg: config_mod.Config, kept: Outbox, smtp_port:
         say(f"   → the organizer's calendar got create@'s acceptance and the page URLs "
             f"({len(kept.to(ORGANIZER))} mails)")
 
-        say("\n2. Three fans type their address on the page and pick both games.")
+        # The organizer's season page (what the console's page configurator makes).
+        async with svc.sessions.begin() as session:
+            page = await pages.create(svc, session, ORGANIZER, pages.PageSettings(
+                title="Knicks home games", intro="Get every game in your calendar.",
+                layout="grid", color_primary="#f58426", event_ids=tuple(
+                    e["id"] for e in events)), slug="knicks-home-games")
+        _PAGES[id(svc)] = page.slug
+        say(f"\n2. Three fans type their address on the season page {base}/p/{page.slug} "
+            "and pick both games.")
         for address, name, _ in FANS:
-            r = await http.post("/api/v1/invites", json={
+            # The page's plain form POST, exactly what a browser without JavaScript sends.
+            r = await http.post(f"/p/{page.slug}", data={
                 "email": address, "name": name, "events": [e["id"] for e in events]})
             r.raise_for_status()
         await _wait(lambda: all(len(kept.to(a)) >= 2 for a, _, _ in FANS), "the invites")

@@ -860,9 +860,10 @@ def _signups(request: Request, svc: Services) -> signups.SignupBatcher:
 
 
 def _embed_origin(request: Request) -> str:
-    """Where a public API request came from: the embedding site (Origin) for buttons."""
+    """Where a public API request came from: the embedding site (Origin) for buttons, else
+    "public api" (a script or app calling the endpoint itself)."""
     site = request.headers.get("origin", "").strip()
-    return f"button {site}"[:200] if site and site != "null" else "api"
+    return f"button {site}"[:200] if site and site != "null" else "public api"
 
 
 PUBLIC_ERRORS = errors(400, 404, 409, 413, 415, 422, 429)
