@@ -7,6 +7,7 @@ Errors name the file, the section, the key and the expected form.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -91,7 +92,13 @@ class WebConfig:
         30, "Public invite requests allowed per client IP per minute (0 = unlimited)."
     )
     rate_limit_per_address: int = _opt(
-        5, "Invite requests for one recipient address per hour (0 = unlimited)."
+        5, "Invite requests for one recipient mailbox (the address without its +tag) per "
+        "hour (0 = unlimited)."
+    )
+    rate_limit_invites_per_address: int = _opt(
+        250, "Invites public requests may queue for one mailbox per day, all events together "
+             "(0 = unlimited). Like rate_limit_per_address it counts the address without its "
+             "+tag, so fan+1@, fan+2@ … share one allowance."
     )
     rate_limit_per_event: int = _opt(
         1200, "Public invite requests for one event per minute, from everyone together "
@@ -100,6 +107,9 @@ class WebConfig:
     max_body_size: int = _opt(
         10485760, "Bytes; larger request bodies (bulk attendee uploads included) get 413."
     )
+    metrics_allow: list[str] = _opt(
+        ["127.0.0.0/8", "::1/128"], "Networks (CIDR) whose clients may read /metrics (after "
+        "trusted_proxies are resolved); others get 403. [\"0.0.0.0/0\", \"::/0\"] opens it.")
     trusted_proxies: list[str] = _opt(
         [], "IPs of reverse proxies whose X-Forwarded-For is believed."
     )
@@ -498,6 +508,12 @@ def _validate(cfg: Config) -> None:
     split_hostport(cfg.web.listen, "web", "listen", src)
     if cfg.relay.smarthost:
         split_hostport(cfg.relay.smarthost, "relay", "smarthost", src)
+    for i, net in enumerate(cfg.web.metrics_allow):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"{src}: [web] metrics_allow[{i}]: expected a network like "
+                              f"\"10.0.0.0/8\" or an address, got {net!r}") from None
     if "@" in cfg.server.domain or not cfg.server.domain:
         raise ConfigError(
             f"{src}: [server] domain: expected a domain name like \"invites.example.com\", "

@@ -118,6 +118,7 @@ RELOADABLE: dict[str, set[str] | None] = {  # section -> keys (None = every key)
     "server": {"log_level"},
     "organizers": None,
     "web": {"rate_limit", "rate_limit_per_address", "rate_limit_per_event",
+            "rate_limit_invites_per_address",
             "trusted_proxies"},
     "relay": {"rate_limit", "domain_rate_limit", "retry_base", "retry_max",
               "max_queue_lifetime", "timeout", "claim_timeout"},
@@ -170,7 +171,8 @@ def reload_config(config: Config, svc: Services, *, app: Any = None,
         state = app.state
         for attr, key in (("ip_limiter", "rate_limit"),
                           ("address_limiter", "rate_limit_per_address"),
-                          ("event_limiter", "rate_limit_per_event")):
+                          ("event_limiter", "rate_limit_per_event"),
+                          ("invites_limiter", "rate_limit_invites_per_address")):
             limiter = getattr(state, attr, None)  # web.app's RateLimiters keep their windows
             if limiter is not None:
                 limiter.limit = getattr(config.web, key)

@@ -52,6 +52,8 @@ log = logging.getLogger("ciserver.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 INBOUND_SOURCES = ("smtp", "imap")
+SMTP_REFUSALS = ("unknown_recipient", "too_many_recipients", "sender_not_allowed",
+                 "too_big", "storage_error", "too_many_connections", "session_timeout")
 INBOUND_OUTCOMES = ("done", "ignored", "rejected", "quarantined", "failed")
 OUTBOUND_OUTCOMES = ("sent", "deferred", "failed")
 PARTSTATS = ("ACCEPTED", "DECLINED", "TENTATIVE", "DELEGATED", "NEEDS-ACTION")
@@ -71,6 +73,10 @@ class _Metrics:
         self.inbound_received = Counter(
             "ciserver_inbound_received", "Messages committed to the inbox, by how they came.",
             ["source"], registry=None)
+        self.smtp_refused = Counter(
+            "ciserver_smtp_refused", "SMTP commands or connections refused before the inbox: "
+            "by reason (the answer's class: 5xx for recipients, senders and size, 4xx for "
+            "the rest).", ["reason"], registry=None)
         self.inbound_processed = Counter(
             "ciserver_inbound_processed", "Inbox messages processed, by final status.",
             ["outcome"], registry=None)
@@ -90,14 +96,16 @@ class _Metrics:
             self.inbound_received.labels(source)
         for outcome in INBOUND_OUTCOMES:
             self.inbound_processed.labels(outcome)
+        for reason in SMTP_REFUSALS:
+            self.smtp_refused.labels(reason)
         for outcome in OUTBOUND_OUTCOMES:
             self.outbound.labels(outcome)
         for kind in PARTSTATS:
             self.answers.labels(kind, "applied")
 
     def all(self) -> list[Counter | Histogram]:
-        return [self.inbound_received, self.inbound_processed, self.outbound, self.latency,
-                self.answers]
+        return [self.inbound_received, self.smtp_refused, self.inbound_processed, self.outbound,
+                self.latency, self.answers]
 
 
 _metrics: _Metrics | None = None
@@ -164,6 +172,11 @@ def _alive(pid: int) -> bool:
 def inbound_received(source: str) -> None:
     """A message is committed to the inbox (services.inbox.accept)."""
     _get().inbound_received.labels(source if source in INBOUND_SOURCES else "other").inc()
+
+
+def smtp_refused(reason: str) -> None:
+    """The SMTP listener refused a recipient, a message or a connection (smtp.py)."""
+    _get().smtp_refused.labels(reason if reason in SMTP_REFUSALS else "other").inc()
 
 
 def answer(session: Any, kind: str, outcome: str) -> None:

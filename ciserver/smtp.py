@@ -19,6 +19,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from . import metrics
 from .addresses import Kind
 from .config import split_hostport
 from .itip.mime import header_text, parse_message
@@ -44,8 +45,10 @@ class Handler:
         rcpt = self.svc.book.parse(address)
         if rcpt is None:
             log.info("refused rcpt %s from %s", address, session.peer)
+            metrics.smtp_refused("unknown_recipient")
             return f"550 5.1.1 <{address}>: no such address here (not a relay)"
         if len(envelope.rcpt_tos) >= self.svc.config.smtp.max_recipients:
+            metrics.smtp_refused("too_many_recipients")
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
@@ -64,6 +67,7 @@ class Handler:
             sender = parseaddr(header_text(headers, "From"))[1]
             if not self.policy.sender_allowed(sender):
                 log.info("refused create@ mail from %s (peer %s)", sender, session.peer)
+                metrics.smtp_refused("sender_not_allowed")
                 return (f"550 5.7.1 {sender or 'this sender'} is not allowed to create events "
                         "on this server")
         try:
@@ -73,6 +77,7 @@ class Handler:
                 message_id=message_id)
         except Exception:
             log.exception("could not store a message; asking the client to retry")
+            metrics.smtp_refused("storage_error")
             return "451 4.3.0 Temporary failure storing the message, try again later"
         return f"250 2.0.0 OK queued as {inbox_id}"
 
@@ -117,6 +122,7 @@ class CiSMTP(SMTP):
         ip = str(peer[0]) if peer else "?"
         if not self.limits.acquire(ip):
             log.info("refused connection from %s: too many connections", ip)
+            metrics.smtp_refused("too_many_connections")
             await self.push("421 4.7.0 Too many connections, try again later")
             if self.transport is not None:
                 self.transport.close()
@@ -131,6 +137,7 @@ class CiSMTP(SMTP):
     def _session_expired(self) -> None:
         log.info("closing SMTP session from %s: session time limit",
                  self.session.peer if self.session else "?")
+        metrics.smtp_refused("session_timeout")
         if self.transport is not None and not self.transport.is_closing():
             with contextlib.suppress(Exception):
                 self._writer.write(b"421 4.4.2 Session time limit exceeded\r\n")
@@ -139,6 +146,7 @@ class CiSMTP(SMTP):
     async def push(self, status: str | bytes) -> None:
         if status[:10] in ("552 Error:", b"552 Error:"):
             limit = self.data_size_limit
+            metrics.smtp_refused("too_big")
             await super().push(f"552 5.3.4 Message too big: this server takes at most "
                                f"{limit} bytes")
         elif isinstance(status, bytes):

@@ -214,4 +214,23 @@ async def test_reports_and_ops(svc: Services, client: httpx.AsyncClient) -> None
     assert (await client.get("/healthz")).json()["status"] == "ok"
     spec = (await client.get("/openapi.json")).json()
     assert "/api/v1/events/{event_id}/invites" in spec["paths"]
-    assert (await client.get("/metrics")).status_code == 200
+    assert (await client.get("/metrics")).status_code == 200  # from 127.0.0.1
+    outside = httpx.AsyncClient(transport=httpx.ASGITransport(
+        app=create_app(svc), client=("203.0.113.5", 40000)), base_url="http://testserver")
+    async with outside:
+        r = await outside.get("/metrics")
+        assert r.status_code == 403 and "metrics_allow" in r.text
+        assert (await outside.get("/healthz")).status_code == 200
+
+
+async def test_api_docs_page_gets_a_policy_that_lets_swagger_run(
+        client: httpx.AsyncClient) -> None:
+    r = await client.get("/api/docs")
+    assert r.status_code == 200 and "/openapi.json" in r.text
+    csp = r.headers["content-security-policy"]
+    nonce = csp.split("'nonce-")[1].split("'")[0]
+    assert f'<script nonce="{nonce}">' in r.text and "<script>" not in r.text
+    assert "https://cdn.jsdelivr.net" in csp and "frame-ancestors 'none'" in csp
+    # every other HTML page keeps the strict policy: no CDN
+    r = await client.get("/console/login")
+    assert "cdn.jsdelivr.net" not in r.headers["content-security-policy"]

@@ -574,6 +574,30 @@ async def test_public_rate_limits_per_ip_address_and_event(make_api: Factory) ->
     r = await client.post(f"/api/v1/events/{ids[2]}/invites", json={"email": "other@example.com"})
     assert r.status_code == 202
 
+    # +tags reach the same mailbox: they share its allowance
+    codes = [(await client.post(f"/api/v1/events/{e}/invites",
+                                json={"email": f"Flood+{i}@example.com"})).status_code
+             for i, e in enumerate(ids)]
+    assert codes == [202, 202, 429]
+
+    # invites per mailbox per day, all events together: one request for many events spends
+    # as many; a request that would go over is refused whole
+    svc, client = await make_api(rate_limit=100, rate_limit_per_address=100,
+                                 rate_limit_per_event=100, rate_limit_invites_per_address=5)
+    ids = [await make_event(svc, summary=f"G{i}") for i in range(4)]
+    r = await client.post("/api/v1/invites", json={"email": "fan@example.com", "events": ids})
+    assert r.status_code == 202
+    r = await client.post("/api/v1/invites", json={"email": "fan+x@example.com",
+                                                   "events": ids[:2]})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+    r = await client.post(f"/api/v1/events/{ids[0]}/invites", json={"email": "fan+y@example.com"})
+    assert r.status_code == 202  # the fifth
+    r = await client.post(f"/api/v1/events/{ids[1]}/invites", json={"email": "FAN@example.com"})
+    assert r.status_code == 429
+    r = await client.post("/api/v1/invites", json={"email": "g@example.com",
+                                                   "events": [f"x{i}" for i in range(101)]})
+    assert r.status_code == 422  # at most 100 events in one request
+
     # per IP: 2 a minute
     svc, client = await make_api(rate_limit=2, rate_limit_per_address=100,
                                  rate_limit_per_event=100)
@@ -582,6 +606,24 @@ async def test_public_rate_limits_per_ip_address_and_event(make_api: Factory) ->
                                 json={"email": f"p{i}@example.com"})).status_code
              for i in range(3)]
     assert codes == [202, 202, 429]
+
+
+async def test_client_ip_behind_a_chain_of_trusted_proxies(make_api: Factory) -> None:
+    # The ASGI test client's peer is 127.0.0.1: the outer proxy; 10.0.0.2 is an inner one.
+    svc, client = await make_api(rate_limit=1, rate_limit_per_address=100,
+                                 rate_limit_per_event=100,
+                                 trusted_proxies='["127.0.0.1", "10.0.0.2"]')
+    e = await make_event(svc)
+
+    async def ask(n: int, forwarded: str) -> int:
+        r = await client.post(f"/api/v1/events/{e}/invites", json={"email": f"c{n}@example.com"},
+                              headers={"X-Forwarded-For": forwarded})
+        return r.status_code
+
+    assert await ask(1, "198.51.100.7, 10.0.0.2") == 202
+    # what the client put in front is not believed: still 198.51.100.7
+    assert await ask(2, "203.0.113.9, 198.51.100.7, 10.0.0.2") == 429
+    assert await ask(3, "192.0.2.44, 10.0.0.2") == 202  # another client
 
 
 async def test_public_endpoints_honeypot_origin_and_bodies(

@@ -103,6 +103,8 @@ def test_metrics_add_up_every_process(daemon: Daemon, sink: Sink) -> None:
         d.smtp(f"rsvp+{tokens[fan]}@{DOMAIN}",
                load_fixture(name, token=tokens[fan], uid=event["invite_uid"], sequence=0), fan)
     d.smtp(f"create@{DOMAIN}", BROKEN, ORGANIZER)
+    with pytest.raises(smtplib.SMTPRecipientsRefused):  # refused at RCPT: counted too
+        d.smtp("someone@elsewhere.example", b"Subject: relay?\r\n\r\nno\r\n")
 
     def settled() -> bool:
         m = scrape(d)
@@ -117,6 +119,8 @@ def test_metrics_add_up_every_process(daemon: Daemon, sink: Sink) -> None:
     sent = len(sink.messages)
     assert value(m, "ciserver_inbound_received_total", source="smtp") == 4
     assert value(m, "ciserver_inbound_received_total", source="imap") == 0
+    assert value(m, "ciserver_smtp_refused_total", reason="unknown_recipient") == 1
+    assert value(m, "ciserver_smtp_refused_total", reason="too_big") == 0
     assert value(m, "ciserver_inbound_processed_total", outcome="done") == 3
     assert value(m, "ciserver_inbound_processed_total", outcome="failed") == 1
     assert value(m, "ciserver_answers_total", kind="ACCEPTED", outcome="applied") == 1

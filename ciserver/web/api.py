@@ -338,8 +338,13 @@ class InviteIn(BaseModel):
                          description="leave empty: a honeypot field for form bots")
 
 
+# Events one public request may ask for: a whole NBA season (82 games) fits.
+MAX_EVENTS = 100
+
+
 class MultiInviteIn(InviteIn):
-    events: list[Annotated[Text, Field(max_length=300)]] = Field(min_length=1, max_length=200)
+    events: list[Annotated[Text, Field(max_length=300)]] = Field(min_length=1,
+                                                                 max_length=MAX_EVENTS)
 
 
 class InviteAccepted(BaseModel):
@@ -454,11 +459,16 @@ def _list_headers(what: str) -> dict[str, Any]:
 
 
 def client_ip(request: Request, trusted: list[str]) -> str:
+    """The client's address for rate limits: the peer, or — when the peer is a trusted
+    proxy — the nearest X-Forwarded-For hop that is not itself a trusted proxy (walking from
+    the right: the left part is whatever the client chose to send)."""
     ip = request.client.host if request.client else "unknown"
     if ip in trusted:
-        forwarded = request.headers.get("x-forwarded-for", "")
-        if forwarded:
-            return forwarded.split(",")[-1].strip() or ip
+        hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",")]
+        for hop in reversed([h for h in hops if h]):
+            ip = hop
+            if hop not in trusted:
+                break
     return ip
 
 
@@ -467,14 +477,26 @@ def _limited(wait: float) -> ApiError:
                     {"Retry-After": str(int(wait) + 1)})
 
 
+def mailbox_key(address: str) -> str:
+    """The mailbox an address reaches, for rate limits: lower case, without a +tag (most
+    providers deliver fan+anything@ to fan@, so tags must not multiply an allowance)."""
+    local, _, domain = address.lower().rpartition("@")
+    return f"{local.split('+', 1)[0] or local}@{domain}"
+
+
 def rate_limit(request: Request, svc: Services, address: str | None = None,
-               event_ids: Sequence[str] = ()) -> None:
-    """Public endpoints: per client IP, per recipient address and per event ([web]
-    rate_limit, rate_limit_per_address, rate_limit_per_event); 429 when one is spent."""
+               event_ids: Sequence[str] = (), invites: int = 0) -> None:
+    """Public endpoints: per client IP, per recipient mailbox (requests per hour and invites
+    per day) and per event ([web] rate_limit, rate_limit_per_address,
+    rate_limit_invites_per_address, rate_limit_per_event); 429 when one is spent.
+    ``invites``: how many invites the request asks for (default: one per event id)."""
     state = request.app.state
     wait = state.ip_limiter.hit(client_ip(request, svc.config.web.trusted_proxies))
     if not wait and address:
-        wait = state.address_limiter.hit(address.lower())
+        mailbox = mailbox_key(address)
+        wait = state.address_limiter.hit(mailbox)
+        if not wait:
+            wait = state.invites_limiter.hit(mailbox, n=invites or len(event_ids) or 1)
     if not wait and event_ids:
         event_rate_limit(request, event_ids)
     if wait:
@@ -829,7 +851,7 @@ async def public_invite(svc: Services, request: Request, refs: list[str], email:
         email = subscriptions.check_email(email)
     except subscriptions.InvalidAddress as exc:
         raise ApiError(422, "invalid_email", str(exc)) from None
-    rate_limit(request, svc, email)
+    rate_limit(request, svc, email, invites=len(refs))
     try:
         done = await _signups(request, svc).submit(
             signups.Signup(refs, email, name, source, origin))

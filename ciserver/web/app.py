@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from collections.abc import Callable
@@ -9,7 +10,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from starlette.datastructures import MutableHeaders
@@ -22,6 +24,16 @@ from ..services.context import Services
 from . import api, console, pages, public, reports_api
 from .errors import ApiError, BodyLimit
 from .ratelimit import RateLimiter
+
+SWAGGER_CDN = "https://cdn.jsdelivr.net"
+
+
+def _allowed(ip: str, networks: list[str]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n, strict=False) for n in networks)
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -105,11 +117,13 @@ class SecurityHeaders:
 def create_app(svc: Services) -> FastAPI:
     app = FastAPI(title="ciserver", version="0.1.0",
                   description="Calendar invite server: real invites, counted answers.",
-                  docs_url="/api/docs", redoc_url=None)
+                  docs_url=None, redoc_url=None)
     app.state.svc = svc
     app.state.ip_limiter = RateLimiter(svc.config.web.rate_limit, 60.0)
     app.state.address_limiter = RateLimiter(svc.config.web.rate_limit_per_address, 3600.0)
     app.state.event_limiter = RateLimiter(svc.config.web.rate_limit_per_event, 60.0)
+    app.state.invites_limiter = RateLimiter(svc.config.web.rate_limit_invites_per_address,
+                                            86400.0)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -156,8 +170,25 @@ def create_app(svc: Services) -> FastAPI:
             await conn.execute(text("SELECT 1"))
         return {"status": "ok", "domain": svc.book.domain}
 
+    @app.get("/api/docs", include_in_schema=False)
+    async def api_docs() -> Response:
+        # FastAPI's Swagger UI page: its script and styles come from a CDN and it starts with
+        # one inline script, so this page gets a policy of its own (our pages allow neither).
+        nonce = secrets.token_urlsafe(18)
+        page = get_swagger_ui_html(openapi_url="/openapi.json", title="ciserver API",
+                                   swagger_ui_parameters={"tryItOutEnabled": False})
+        html = bytes(page.body).decode().replace("<script>", f'<script nonce="{nonce}">')
+        return HTMLResponse(html, headers={"Content-Security-Policy": (
+            f"default-src 'none'; script-src 'nonce-{nonce}' {SWAGGER_CDN}; "
+            f"style-src {SWAGGER_CDN}; img-src 'self' data: https://fastapi.tiangolo.com; "
+            "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")})
+
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        # Queue depths and rates are nobody else's business: [web] metrics_allow.
+        if not _allowed(api.client_ip(request, svc.config.web.trusted_proxies),
+                        svc.config.web.metrics_allow):
+            return PlainTextResponse("Forbidden: see [web] metrics_allow", status_code=403)
         # Counters of the daemon and its worker processes, queue gauges from the database.
         body = await metrics_mod.exposition(svc.engine, svc.now())
         return Response(body, media_type=CONTENT_TYPE_LATEST)

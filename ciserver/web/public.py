@@ -44,7 +44,7 @@ from ..services import pages as pages_svc
 from ..services import subscriptions
 from ..services.context import Services
 from ..store.models import Event, Page
-from .api import rate_limit
+from .api import MAX_EVENTS, rate_limit
 from .errors import ApiError
 
 router = APIRouter(include_in_schema=False)
@@ -410,7 +410,7 @@ class InviteForm:
     honeypot: bool
 
 
-def _split_ids(values: Sequence[object], limit: int = 200) -> list[str]:
+def _split_ids(values: Sequence[object], limit: int = MAX_EVENTS) -> list[str]:
     out: list[str] = []
     for value in values:
         if isinstance(value, str):

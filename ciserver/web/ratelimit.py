@@ -15,9 +15,10 @@ class RateLimiter:
         self.max_keys = max_keys
         self.hits: dict[str, deque[float]] = {}
 
-    def hit(self, key: str, now: float | None = None) -> float:
-        """Record a hit; returns 0 if allowed, else the seconds until it would be."""
-        if self.limit <= 0:
+    def hit(self, key: str, now: float | None = None, n: int = 1) -> float:
+        """Record ``n`` hits at once; returns 0 if all are allowed (and records them), else
+        the seconds until they would be (and records none)."""
+        if self.limit <= 0 or n <= 0:
             return 0.0
         now = time.monotonic() if now is None else now
         q = self.hits.get(key)
@@ -27,9 +28,11 @@ class RateLimiter:
             q = self.hits[key] = deque()
         while q and q[0] <= now - self.window:
             q.popleft()
-        if len(q) >= self.limit:
-            return max(0.0, q[0] + self.window - now)
-        q.append(now)
+        if len(q) + n > self.limit:
+            if n > self.limit:  # can never fit: wait a whole window
+                return self.window
+            return max(0.0, q[len(q) + n - self.limit - 1] + self.window - now)
+        q.extend([now] * n)
         return 0.0
 
     def _prune(self, now: float) -> None:
