@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import zoneinfo
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -103,5 +104,50 @@ def test_fan_picks_two_games_and_gets_two_invites(tmp_path: Path, sink: Sink,
         assert sorted(m.rcpt_tos[0] for m in got) == ["fan@example.net"] * 2
         summaries = sorted(m.calendar().split("SUMMARY:")[1].split("\r\n")[0] for m in got)
         assert summaries == sorted(g["summary"] for g in games[:2])
+    finally:
+        daemon.stop()
+
+
+def test_viewer_time_zone_and_the_page_without_javascript(tmp_path: Path, sink: Sink,
+                                                          browser: object) -> None:
+    daemon = Daemon(tmp_path, sink)
+    daemon.start()
+    try:
+        games = season(daemon, games=2)
+        sink.clear()
+        slug = make_page(daemon, title="Knicks home games", layout="list")
+        # A fan in Berlin sees the venue's time and, under it, their own.
+        ctx = browser.new_context(  # type: ignore[attr-defined]
+            timezone_id="Europe/Berlin", locale="en-US")
+        page = ctx.new_page()
+        page.goto(f"{daemon.url}/p/{slug}")
+        first = page.locator(".viewer-time").first
+        first.wait_for(state="visible", timeout=5_000)
+        start = datetime.fromisoformat(games[0]["start"].replace("Z", "+00:00"))
+        berlin = start.astimezone(zoneinfo.ZoneInfo("Europe/Berlin"))
+        text = first.inner_text()
+        assert text.startswith("Your time:") and berlin.strftime("%I:%M") in text, text
+        page.screenshot(path=str(ARTIFACTS / "season-page-berlin.png"), full_page=True)
+        ctx.close()
+        # A fan in the venue's zone is not told twice.
+        ctx = browser.new_context(  # type: ignore[attr-defined]
+            timezone_id="America/New_York", locale="en-US")
+        page = ctx.new_page()
+        page.goto(f"{daemon.url}/p/{slug}")
+        page.wait_for_load_state("load")
+        assert not page.locator(".viewer-time").first.is_visible()
+        ctx.close()
+        # Without JavaScript the plain form POST works and answers with a page.
+        ctx = browser.new_context(java_script_enabled=False)  # type: ignore[attr-defined]
+        page = ctx.new_page()
+        page.goto(f"{daemon.url}/p/{slug}")
+        page.check(f"input[name=events][value='{games[1]['id']}']")
+        page.fill("#email", "nojs@example.net")
+        page.click("#send")
+        page.wait_for_selector("text=nojs@example.net", timeout=10_000)
+        page.screenshot(path=str(ARTIFACTS / "season-confirmation-nojs.png"), full_page=True)
+        ctx.close()
+        got = sink.wait(1, timeout=20)
+        assert [m.rcpt_tos[0] for m in got] == ["nojs@example.net"]
     finally:
         daemon.stop()

@@ -1,24 +1,31 @@
 """The organizer console as an organizer meets it (httpx against the ASGI app): sign-in by a
 magic link read from the mail the smarthost receives, sessions and CSRF, live answer counts,
-the page configurator with its preview, escaping and security headers."""
+each event's report (figures, charts, per occurrence, origin, the CSV), the page configurator
+with its preview, escaping and security headers."""
 
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
 import json
 import re
 import shutil
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import select
 
 from ciserver import relay
+from ciserver.itip import content as content_mod
 from ciserver.services import events, pages, subscriptions
 from ciserver.services.auth import ConsoleAuth
 from ciserver.services.context import Services
@@ -33,6 +40,7 @@ BASE = "https://invites.example.com"
 START = datetime(2027, 5, 1, 18, 0, tzinfo=UTC)
 XSS = '<script>alert(1)</script><img src=x onerror="alert(2)">'
 XSS_TITLE = '"><svg onload=alert(3)>'
+SVG_NS = "{http://www.w3.org/2000/svg}"
 
 
 def client_for(app: FastAPI) -> httpx.AsyncClient:
@@ -73,6 +81,73 @@ async def make_event(svc: Services, organizer: str = ORGANIZER, summary: str = "
                                             organizer_name="Org", summary=summary,
                                             start=start, end=start + timedelta(hours=2))
         return event.public_id
+
+
+async def make_series(svc: Services, summary: str = "Weekly practice", weeks: int = 4,
+                      organizer: str = ORGANIZER) -> str:
+    """A weekly recurring event (UTC), created as from the API."""
+    content = content_mod.new_content(summary=summary, start=START,
+                                      end=START + timedelta(hours=2))
+    nl = "\r\n" if "\r\n" in content else "\n"
+    content = content.replace("END:VEVENT", f"RRULE:FREQ=WEEKLY;COUNT={weeks}{nl}END:VEVENT")
+    async with svc.sessions.begin() as session:
+        event = await events.create(svc, session, organizer=organizer, organizer_name="Org",
+                                    organizer_uid=f"series-{summary}@team.example",
+                                    content=content, origin="api")
+        assert event.recurring
+        return event.public_id
+
+
+async def seed(svc: Services, public_id: str, email: str, *, partstat: str = "",
+               source: str = "page", origin: str = "", status: str = "active",
+               at: datetime | None = None, occurrence: str = "") -> None:
+    """A customer of the event and their answer, recorded as services.attendee does (an
+    applied answer, with its history), then their status."""
+    at = at or svc.now()
+    async with svc.sessions.begin() as session:
+        event = await events.find(session, public_id)
+        sub = (await session.execute(select(models.Subscription).where(
+            models.Subscription.event_id == event.id,
+            models.Subscription.email == email))).scalar_one_or_none()
+        if sub is None:
+            sub = (await subscriptions.invite(svc, session, event, email, "", source,
+                                              origin=origin, send=False)).subscription
+        if partstat:
+            session.add(models.RsvpHistory(subscription_id=sub.id, occurrence=occurrence,
+                                           partstat=partstat, sequence=0, stamp=at,
+                                           comment="", outcome="applied", received_at=at))
+            session.add(models.Answer(subscription_id=sub.id, occurrence=occurrence,
+                                      partstat=partstat, sequence=0, stamp=at, comment="",
+                                      received_at=at))
+            if not occurrence:
+                sub.partstat, sub.responded_at = partstat, at
+        if status != "active":
+            await subscriptions.stop(svc, session, sub, status)
+
+
+def parse_csv(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text.removeprefix("\ufeff"))))
+
+
+def svgs_of(page: str) -> list[ET.Element]:
+    """The inline SVG charts of a page, parsed as XML: no script, handler or foreign object."""
+    found = []
+    for text in re.findall(r"<svg\b.*?</svg>", page, re.S):
+        root = ET.fromstring(text)
+        assert root.tag == f"{SVG_NS}svg" and root.get("role") == "img"
+        assert root.get("aria-label") and root.find(f"{SVG_NS}title") is not None
+        for el in root.iter():
+            assert not el.tag.endswith(("script", "foreignObject")), el.tag
+            assert not any(a.lower().startswith("on") for a in el.attrib), el.attrib
+            assert not any("href" in a for a in el.attrib), el.attrib
+        found.append(root)
+    return found
+
+
+def figures_of(page: str) -> dict[str, int]:
+    """The figures table of an event's report."""
+    return {k: int(v) for k, v in re.findall(
+        r'<td class="num[^"]*" data-count="(\w+)">(\d+)</td>', page)}
 
 
 async def ask_link(svc: Services, client: httpx.AsyncClient, sink: Sink,
@@ -340,6 +415,185 @@ async def test_counts_appear_and_change(app: FastAPI, svc: Services, sink: Sink)
 
 
 # --------------------------------------------------------------------------------------------
+# An event's report: figures, charts, per occurrence, origin, CSV
+
+
+async def test_event_report(app: FastAPI, svc: Services, client: httpx.AsyncClient,
+                            sink: Sink) -> None:
+    real_clock = svc.clock
+    t0 = datetime(2027, 4, 20, 12, 0, tzinfo=UTC)
+    svc.clock = lambda: t0
+    final = await make_event(svc, summary="Final")
+    semi = await make_event(svc, summary="Semi", start=START - timedelta(days=3))
+    theirs = await make_event(svc, organizer="coach@nba.example", summary="Their game")
+    for email, kw in (
+            ("yes1@example.com", {"partstat": "ACCEPTED", "origin": "spring-page"}),
+            ("yes2@example.com", {"partstat": "ACCEPTED", "origin": "button https://club.example"}),
+            ("no@example.com", {"partstat": "DECLINED", "source": "api",
+                                "origin": "api key cis_abcd"}),
+            ("maybe@example.com", {"partstat": "TENTATIVE", "source": "forwarded",
+                                   "origin": "forwarded by yes1@example.com"}),
+            ("quiet@example.com", {"origin": "spring-page"}),
+            ("gone@example.com", {"origin": "event-page", "status": "bounced"}),
+            ("stop@example.com", {"partstat": "DECLINED", "source": "api",
+                                  "origin": "api key cis_abcd", "status": "unsubscribed"})):
+        svc.clock = lambda: t0
+        await seed(svc, final, email, at=t0 + timedelta(hours=5), **kw)  # type: ignore[arg-type]
+        t0 += timedelta(hours=7)
+    await seed(svc, semi, "yes1@example.com", partstat="ACCEPTED", at=t0)
+    await seed(svc, theirs, "fan@example.com", partstat="ACCEPTED", at=t0)
+    svc.clock = lambda: t0 + timedelta(days=1)
+
+    # Signed out: to the sign-in form, and no CSV.
+    for path in (f"/console/events/{final}", f"/console/events/{final}/report.csv",
+                 "/console/report.csv"):
+        r = await client.get(path)
+        assert r.status_code == 303 and r.headers["location"] == "/console/login", path
+    await sign_in(svc, client, sink)
+
+    # The home page: a link to each event's report and the Y / N / M per game chart.
+    r = await client.get("/console")
+    assert r.status_code == 200
+    assert f'href="/console/events/{final}">Final</a>' in r.text
+    assert f'href="/console/events/{semi}">Semi</a>' in r.text
+    (games,) = svgs_of(r.text)
+    assert games.get("aria-label") == "Yes / no / maybe per game"
+    labels = [t.text for t in games.iter(f"{SVG_NS}text")]
+    assert "2027-05-01 Final" in labels and "2027-04-28 Semi" in labels
+    assert "Their game" not in r.text
+    assert "Y 2 · N 2 · M 1 / 7" in labels and "Y 1 · N 0 · M 0 / 1" in labels
+
+    # The event's report: the figures, as a table, and the charts.
+    r = await client.get(f"/console/events/{final}")
+    assert r.status_code == 200, r.text
+    assert "<h1>Final" in r.text
+    assert figures_of(r.text) == {"invited": 7, "Y": 2, "N": 2, "M": 1, "no_answer": 2,
+                                  "bounced": 1, "unsubscribed": 1}
+    assert "5 of 7 invited answered (71%)" in r.text
+    assert f'<tr data-event-id="{final}">' in r.text  # refreshed by counts.json
+    timeline, bars = svgs_of(r.text)
+    assert timeline.get("aria-label") == "Answers over time: Final"
+    desc = timeline.find(f"{SVG_NS}desc")
+    assert desc is not None and "invited 7, yes 2, no 2, maybe 1" in (desc.text or "")
+    assert bars.get("aria-label") == "Yes / no / maybe: Final"
+    # ... the numbers behind the timeline: the last change has every answer
+    steps = re.findall(r"<tr><th scope=\"row\"><time[^>]*>([^<]+)</time></th>\s*"
+                       r'<td class="num">(\d+)</td><td class="num">(\d+)</td>'
+                       r'<td class="num">(\d+)</td><td class="num">(\d+)</td>', r.text)
+    assert steps and [int(x) for x in steps[-1][1:]] == [7, 2, 2, 1]
+    assert [int(x[1]) for x in steps] == sorted(int(x[1]) for x in steps)
+    # ... where customers came from
+    sources = re.findall(r'<tr><th scope="row">([^<]+)</th><td>([^<]+)</td>'
+                         r'<td class="num">(\d+)</td>', r.text)
+    assert {(html.unescape(a), html.unescape(b)): int(n) for a, b, n in sources} == {
+        ("Sign-up page", "page /p/spring-page"): 2,
+        ("Sign-up page", "button on https://club.example"): 1,
+        ("Sign-up page", "the event's own page"): 1,
+        ("API", "api key cis_abcd"): 2,
+        ("Forwarded invite", "forwarded by yes1@example.com"): 1}
+    assert f'href="/console/events/{final}/report.csv"' in r.text
+    assert "style=" not in r.text and "<script>" not in r.text
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    assert "unsafe-inline" not in r.headers["content-security-policy"]
+
+    # The CSV: the same as the API's, and it parses back.
+    r = await client.get(f"/console/events/{final}/report.csv")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    assert r.headers["content-disposition"] == f'attachment; filename="{final}.csv"'
+    assert r.headers["cache-control"] == "no-store"
+    rows = parse_csv(r.text)
+    assert {x["email"]: (x["rsvp"], x["status"]) for x in rows} == {
+        "yes1@example.com": ("Y", "active"), "yes2@example.com": ("Y", "active"),
+        "no@example.com": ("N", "active"), "maybe@example.com": ("M", "active"),
+        "quiet@example.com": ("", "active"), "gone@example.com": ("", "bounced"),
+        "stop@example.com": ("N", "unsubscribed")}
+    assert {x["event_summary"] for x in rows} == {"Final"}
+    for column in ("event_uid", "event_start", "name", "partstat", "responded_at",
+                   "occurrence"):
+        assert column in rows[0]
+    r = await client.get(f"/console/events/{final}/report.csv", params={"bom": "1"})
+    assert r.text.startswith("\ufeff") and len(parse_csv(r.text)) == 7
+    r = await client.get("/console/report.csv")
+    assert r.status_code == 200
+    assert sorted({x["event_summary"] for x in parse_csv(r.text)}) == ["Final", "Semi"]
+
+    # Another organizer's event, or none: not found, nothing of it shown.
+    for ref in (theirs, theirs.upper(), "nosuchevent", "x" * 200, "%00"):
+        for path in (f"/console/events/{ref}", f"/console/events/{ref}/report.csv"):
+            r = await client.get(path)
+            assert r.status_code == 404, path
+            assert "Their game" not in r.text and "fan@example.com" not in r.text
+    svc.clock = real_clock
+
+
+async def test_event_report_per_occurrence(svc: Services, client: httpx.AsyncClient,
+                                           sink: Sink) -> None:
+    series = await make_series(svc, weeks=4)
+    await seed(svc, series, "all@example.com", partstat="ACCEPTED")
+    await seed(svc, series, "once@example.com", partstat="ACCEPTED")
+    await seed(svc, series, "once@example.com", partstat="DECLINED",
+               occurrence="2027-05-08T18:00:00Z")
+    await seed(svc, series, "later@example.com")
+    await sign_in(svc, client, sink)
+    r = await client.get(f"/console/events/{series}")
+    assert r.status_code == 200
+    assert figures_of(r.text) == {"invited": 3, "Y": 2, "N": 0, "M": 0, "no_answer": 1,
+                                  "bounced": 0, "unsubscribed": 0}
+    per = re.findall(r'<tr><th scope="row">(\w{3} \d\d \w{3} 2027, 18:00)</th>'
+                     r'<td class="num">(\d+)</td><td class="num">(\d+)</td>'
+                     r'<td class="num">(\d+)</td><td class="num">(\d+)</td>'
+                     r'<td class="num">(\d+)</td>', r.text)
+    assert [(d, *map(int, n)) for d, *n in per] == [
+        ("Sat 01 May 2027, 18:00", 3, 2, 0, 0, 1), ("Sat 08 May 2027, 18:00", 3, 1, 1, 0, 1),
+        ("Sat 15 May 2027, 18:00", 3, 2, 0, 0, 1), ("Sat 22 May 2027, 18:00", 3, 2, 0, 0, 1)]
+    _timeline, bars = svgs_of(r.text)
+    assert bars.get("aria-label") == "Yes / no / maybe per occurrence: Weekly practice"
+    labels = [t.text for t in bars.iter(f"{SVG_NS}text")]
+    assert "Sat 08 May 2027, 18:00" in labels and "Y 1 · N 1 · M 0 / 3" in labels
+    rows = parse_csv((await client.get(f"/console/events/{series}/report.csv")).text)
+    assert [(x["email"], x["rsvp"], x["occurrence"]) for x in rows
+            if x["email"] == "once@example.com"] == [
+        ("once@example.com", "Y", ""), ("once@example.com", "N", "2027-05-08T18:00:00Z")]
+
+
+async def test_script_in_a_summary_is_escaped_in_reports(svc: Services,
+                                                         client: httpx.AsyncClient,
+                                                         sink: Sink) -> None:
+    eid = await make_event(svc, summary=XSS)
+    other = await make_event(svc, summary=XSS_TITLE, start=START + timedelta(days=1))
+    for n, ref in enumerate((eid, other)):
+        await seed(svc, ref, f"fan{n}@example.com", partstat="ACCEPTED",
+                   origin='<script>alert(4)</script>')
+    await sign_in(svc, client, sink)
+    bodies: dict[str, Any] = {
+        "home": await client.get("/console"),
+        "event": await client.get(f"/console/events/{eid}"),
+        "other": await client.get(f"/console/events/{other}")}
+    for name, r in bodies.items():
+        assert r.status_code == 200, name
+        body = r.text
+        assert "<script>alert" not in body and "<script" not in body.replace(
+            '<script src="/console/static/console.js" defer>', ""), name
+        assert "<img src=x" not in body and "<svg onload" not in body, name
+        assert 'onerror="alert' not in body, name
+        charts = svgs_of(body)
+        assert charts, name
+        # the text reads back as the organizer wrote it, as text
+        texts = " ".join(t for svg in charts for el in svg.iter()
+                         for t in (el.text or "", el.get("aria-label") or ""))
+        for text in {"home": (XSS, XSS_TITLE), "event": (XSS,), "other": (XSS_TITLE,)}[name]:
+            assert text in texts, name
+    event_html = bodies["event"].text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in event_html  # HTML and SVG text
+    assert 'aria-label="Answers over time: &lt;script&gt;alert(1)&lt;/script&gt;' in event_html
+    assert "&lt;script&gt;alert(4)&lt;/script&gt;" in event_html  # the origin
+    other_html = bodies["other"].text
+    assert 'aria-label="Answers over time: &quot;&gt;&lt;svg onload=alert(3)&gt;"' in other_html
+    r = await client.get(f"/console/events/{eid}/report.csv")
+    assert parse_csv(r.text)[0]["event_summary"] == XSS
+
+
+# --------------------------------------------------------------------------------------------
 # Pages
 
 
@@ -491,6 +745,7 @@ async def test_organizer_text_is_escaped_everywhere(svc: Services, client: httpx
     assert r.status_code == 303
     bodies = {
         "home": (await client.get("/console")).text,
+        "event": (await client.get(f"/console/events/{eid}")).text,
         "pages": (await client.get("/console/pages")).text,
         "editor": (await client.get("/console/pages/xss")).text,
         "new": (await client.get("/console/pages/new")).text,
@@ -524,7 +779,8 @@ async def test_security_headers_and_static_files(svc: Services, client: httpx.As
         assert '<link rel="stylesheet" href="/console/static/console.css">' in r.text
         assert "style=" not in r.text  # inline styles would be blocked by the CSP
     await sign_in(svc, client, sink)
-    for path in ("/console", "/console/pages", "/console/pages/new"):
+    eid = await make_event(svc)
+    for path in ("/console", "/console/pages", "/console/pages/new", f"/console/events/{eid}"):
         r = await client.get(path)
         assert r.status_code == 200
         assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
@@ -606,6 +862,28 @@ def test_console_in_a_browser(tmp_path: Path, sink: Sink) -> None:
                 assert r.status_code == 202
                 until(lambda: page.inner_text(cell) == "1", 15)
                 page.screenshot(path=str(artifacts / "console-events.png"), full_page=True)
+
+                # The event's report: its figures (live too), its charts, the CSV.
+                page.click(f"a[href='/console/events/{ids[0]}']")
+                page.wait_for_selector("figure.chart svg[role=img]")
+                assert page.url == f"{daemon.url}/console/events/{ids[0]}"
+                assert page.locator("figure.chart svg[role=img]").count() == 2
+                assert "Answers over time" in (page.get_attribute(
+                    "figure.chart svg", "aria-label") or "")
+                invited = f"tr[data-event-id='{ids[0]}'] [data-count=invited]"
+                assert page.inner_text(invited) == "1"
+                r = httpx.post(f"{daemon.url}/api/v1/events/{ids[0]}/invites",
+                               json={"email": "fan2@example.net"})
+                assert r.status_code == 202
+                until(lambda: page.inner_text(invited) == "2", 15)
+                with page.expect_download() as download:
+                    page.click("a:has-text('Download the report')")
+                saved = download.value.path()
+                assert saved is not None
+                got = Path(saved).read_text(encoding="utf-8")
+                assert sorted(row["email"] for row in csv.DictReader(io.StringIO(got))) == [
+                    "fan2@example.net", "fan@example.net"]
+                page.screenshot(path=str(artifacts / "console-event.png"), full_page=True)
 
                 # A new page: the preview follows the color input before anything is saved.
                 page.goto(f"{daemon.url}/console/pages/new")

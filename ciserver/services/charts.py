@@ -43,8 +43,8 @@ def _n(v: float) -> str:
 
 def _open(width: float, height: float, title: str, desc: str) -> list[str]:
     return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_n(width)}" '
-            f'height="{_n(height)}" viewBox="0 0 {_n(width)} {_n(height)}" role="img" {FONT} '
-            f'font-size="12">',
+            f'height="{_n(height)}" viewBox="0 0 {_n(width)} {_n(height)}" role="img" '
+            f'aria-label="{esc(title)}" {FONT} font-size="12">',
             f"<title>{esc(title)}</title>", f"<desc>{esc(desc)}</desc>",
             f'<rect width="{_n(width)}" height="{_n(height)}" fill="#ffffff"/>',
             f'<text x="12" y="22" font-size="15" font-weight="600" fill="#202124">'
@@ -140,7 +140,10 @@ def games_svg(games: Sequence[tuple[str, Counts]], *, title: str, width: int = 7
     """One stacked bar per game (or occurrence): yes, maybe, no, no answer."""
     if not games:
         return empty_svg(title, "No events.", width)
-    label_w, num_w, top, row = 230.0, 150.0, 58.0, 24.0
+    # The label column widens with the chart; labels are cut to fit it (about 7 px a
+    # character at 12 px), the whole label is in the bar's <title>.
+    label_w, num_w, top, row = max(230.0, min(width * 0.33, 400.0)), 150.0, 58.0, 24.0
+    fit = int((label_w - 12) / 7)
     bw = width - label_w - num_w - 12
     height = top + row * len(games) + (30 if more else 12)
     scale = max(max(c.invited for _, c in games), 1)
@@ -158,7 +161,7 @@ def games_svg(games: Sequence[tuple[str, Counts]], *, title: str, width: int = 7
     for i, (label, c) in enumerate(games):
         yy = top + i * row
         parts.append(f'<text x="{_n(label_w - 8)}" y="{_n(yy + 15)}" text-anchor="end" '
-                     f'fill="#202124">{esc(label, 36)}<title>{esc(label)}</title></text>')
+                     f'fill="#202124">{esc(label, fit)}<title>{esc(label)}</title></text>')
         x = label_w
         for key, value in (("Y", c.yes), ("M", c.maybe), ("N", c.no), ("none", c.no_answer)):
             if value <= 0:

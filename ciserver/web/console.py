@@ -1,9 +1,12 @@
 """The organizer console under /console: sign-in by magic link, events with live answer
-counts, and the page configurator with a live preview.
+counts and charts, each event's report (figures, answers over time, per occurrence, where
+customers came from, the CSV), and the page configurator with a live preview.
 
-Server-rendered (Jinja2, autoescaped); JavaScript (/console/static/console.js) only polls the
-counts and refreshes the preview, and every page works without it. How links, sessions and
-CSRF tokens work is told in :mod:`ciserver.services.auth`.
+Server-rendered (Jinja2, autoescaped). Charts are SVG drawn by :mod:`ciserver.services.charts`
+(which escapes every text it draws) and inlined, each with its numbers in a table.
+JavaScript (/console/static/console.js) only polls the counts and refreshes the preview, and
+every page works without it. How links, sessions and CSRF tokens work is told in
+:mod:`ciserver.services.auth`.
 """
 
 from __future__ import annotations
@@ -13,22 +16,30 @@ import inspect
 import json
 import secrets
 import zoneinfo
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from importlib import resources
 from types import ModuleType
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
+from sqlalchemy import select
 from starlette.background import BackgroundTask
 from starlette.datastructures import ImmutableMultiDict
 
-from ..services import auth, events, pages
+from ..addresses import normalize_email
+from ..services import auth, charts, events, pages, reports
 from ..services.auth import ConsoleAuth, SessionClaims
 from ..services.context import Services
 from ..services.subscriptions import InvalidAddress, check_email
@@ -42,6 +53,10 @@ SESSION_COOKIE = "ci_session"
 FORM_COOKIE = "ci_form"  # binds the CSRF token of the sign-in forms (no session yet)
 FORM_COOKIE_AGE = 7200
 MAX_EVENTS = 1000
+CHART_GAMES = 40  # bars in the home page's chart
+CHART_OCCURRENCES = 60  # bars in an event's per-occurrence chart
+TIMELINE_ROWS = 60  # rows of the table under the answers-over-time chart
+CHART_WIDTH = 1080  # the console's main column; smaller screens scale the charts down
 STATIC_FILES = {"console.css": "text/css; charset=utf-8",
                 "console.js": "text/javascript; charset=utf-8"}
 
@@ -337,19 +352,70 @@ async def logout(request: Request) -> Response:
 # Events and counts
 
 
+def _local(moment: datetime, tzid: str | None) -> tuple[datetime, str]:
+    """``moment`` in the event's time zone (UTC when it has none or an unknown one)."""
+    tz = tzid or "UTC"
+    try:
+        return moment.astimezone(zoneinfo.ZoneInfo(tz)), tz
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return moment.astimezone(UTC), "UTC"
+
+
 def when_text(event: Event) -> str:
     if event.all_day:
         return f"{event.start_at:%a %d %b %Y} (all day)"
-    tz = event.tzid or "UTC"
-    try:
-        local = event.start_at.astimezone(zoneinfo.ZoneInfo(tz))
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        local, tz = event.start_at.astimezone(UTC), "UTC"
+    local, tz = _local(event.start_at, event.tzid)
     return f"{local:%a %d %b %Y, %H:%M} ({tz})" + (", repeating" if event.recurring else "")
+
+
+def game_label(event: Event) -> str:
+    """A bar's label: the local start day, then the summary."""
+    day = event.start_at if event.all_day else _local(event.start_at, event.tzid)[0]
+    return f"{day:%Y-%m-%d} {event.summary or '(untitled event)'}"
+
+
+def occurrence_text(key: str, event: Event) -> str:
+    """An occurrence key (its start: UTC ISO 8601, or a day) as the organizer reads it."""
+    try:
+        if "T" not in key:
+            return f"{date.fromisoformat(key):%a %d %b %Y}"
+        moment = datetime.strptime(key, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return key
+    local, _tz = _local(moment, event.tzid)
+    return f"{local:%a %d %b %Y, %H:%M}"
+
+
+SOURCES = {"page": "Sign-up page", "api": "API", "forwarded": "Forwarded invite"}
+ORIGINS = {"event-page": "the event's own page", "email-cta": "button in a mailing",
+           "public api": "public API (no key)"}
+
+
+def origin_text(source: str, origin: str) -> str:
+    if origin in ORIGINS:
+        return ORIGINS[origin]
+    if origin.startswith("button "):
+        return f"button on {origin[7:]}"
+    if source == "page" and origin:
+        return f"page /p/{origin}"
+    return origin or "—"
 
 
 async def _my_events(session: Any, who: SessionClaims) -> Sequence[Event]:
     return await events.listing(session, organizer=who.email, limit=MAX_EVENTS)
+
+
+async def _my_event(session: Any, who: SessionClaims, public_id: str) -> Event | None:
+    """The signed-in organizer's event with this API id; another organizer's event is as good
+    as missing."""
+    ref = public_id.strip().lower()
+    if not ref or len(ref) > 64 or not ref.isascii() or not ref.isalnum():
+        return None
+    event: Event | None = (await session.execute(
+        select(Event).where(Event.public_id == ref))).scalar_one_or_none()
+    if event is None or event.organizer_email != normalize_email(who.email):
+        return None
+    return event
 
 
 def _count_row(event: Event, c: Any) -> dict[str, Any]:
@@ -358,18 +424,47 @@ def _count_row(event: Event, c: Any) -> dict[str, Any]:
             "unsubscribed": c.unsubscribed, "invited": c.invited}
 
 
-async def _rows(v: Visit) -> list[dict[str, Any]]:
+def _counts(c: Any) -> reports.Counts:
+    return reports.Counts(invited=c.invited, yes=c.yes, no=c.no, maybe=c.maybe,
+                          no_answer=c.no_answer, bounced=c.bounced,
+                          unsubscribed=c.unsubscribed)
+
+
+async def _mine_with_counts(v: Visit) -> list[tuple[Event, Any]]:
     assert v.who is not None
     async with v.svc.sessions() as session:
         mine = await _my_events(session, v.who)
         counts = await counts_for(session, [e.id for e in mine])
+    return [(e, counts[e.id]) for e in mine]
+
+
+def _rows_of(v: Visit, found: list[tuple[Event, Any]]) -> list[dict[str, Any]]:
     rows = []
-    for e in mine:
-        row = _count_row(e, counts[e.id])
+    for e, c in found:
+        row = _count_row(e, c)
         row.update(summary=e.summary, when=when_text(e), start_iso=e.start_at.isoformat(),
                    page_url=v.svc.page_url(e.public_id))
         rows.append(row)
     return rows
+
+
+def chart_window(found: Sequence[tuple[Event, Any]], now: datetime,
+                 size: int = CHART_GAMES) -> list[tuple[Event, Any]]:
+    """The games the home chart shows when there are more than ``size`` (in start order):
+    from the first one of the last two weeks on, filled up with earlier ones at the end of a
+    season."""
+    if len(found) <= size:
+        return list(found)
+    recent = now - timedelta(days=14)
+    first = next((i for i, (e, _c) in enumerate(found) if e.start_at >= recent), len(found))
+    begin = max(0, min(first, len(found) - size))
+    return list(found[begin:begin + size])
+
+
+def _svg(text: str) -> Markup:
+    # charts.py escapes every text it draws (organizer and customer text included) and emits
+    # no script, event handler, style or external reference.
+    return Markup(text)  # noqa: S704
 
 
 @router.get("")
@@ -377,8 +472,14 @@ async def home(request: Request) -> Response:
     v = await _visit(request)
     if v.who is None:
         return _to_login()
-    rows = await _rows(v)
-    return v.page("home.html", title="Your events", rows=rows, truncated=len(rows) >= MAX_EVENTS)
+    found = await _mine_with_counts(v)
+    rows = _rows_of(v, found)
+    shown = chart_window(found, v.now)
+    chart = _svg(charts.games_svg(
+        [(game_label(e), _counts(c)) for e, c in shown], title="Yes / no / maybe per game",
+        width=CHART_WIDTH, more=len(found) - len(shown))) if found else None
+    return v.page("home.html", title="Your events", rows=rows, chart=chart,
+                  chart_all=len(shown) == len(found), truncated=len(rows) >= MAX_EVENTS)
 
 
 @router.get("/counts.json")
@@ -388,10 +489,104 @@ async def counts_json(request: Request) -> Response:
         return secure(JSONResponse(
             {"error": {"code": "unauthorized", "message": "sign in at /console/login"}},
             status_code=401))
-    rows = await _rows(v)
+    rows = _rows_of(v, await _mine_with_counts(v))
     keys = ("id", "status", "Y", "N", "M", "no_answer", "bounced", "unsubscribed", "invited")
     return secure(JSONResponse({"at": v.now.isoformat(),
                                 "events": [{k: r[k] for k in keys} for r in rows]}))
+
+
+# --------------------------------------------------------------------------------------------
+# One event's report
+
+
+def _no_event(v: Visit) -> Response:
+    return v.page("message.html", 404, title="No such event", heading="No such event",
+                  text="You have no event with this address.", link="/console")
+
+
+def timeline_rows(points: Sequence[reports.TimelinePoint],
+                  limit: int = TIMELINE_ROWS) -> tuple[list[reports.TimelinePoint], bool]:
+    """The chart's points where a figure changed (the last ``limit``), and whether earlier
+    ones were left out."""
+    changed: list[reports.TimelinePoint] = []
+    last: tuple[int, ...] = (0, 0, 0, 0)
+    for p in points:
+        figures = (p.invited, p.yes, p.no, p.maybe)
+        if figures != last:
+            changed.append(p)
+            last = figures
+    return changed[-limit:], len(changed) > limit
+
+
+@router.get("/events/{public_id}")
+async def event_detail(public_id: str, request: Request) -> Response:
+    v = await _visit(request)
+    if v.who is None:
+        return _to_login()
+    svc = v.svc
+    async with svc.sessions() as session:
+        event = await _my_event(session, v.who, public_id)
+        if event is None:
+            return _no_event(v)
+        (one,) = await reports.event_summaries(session, event_id=event.id)
+        per = await reports.occurrence_counts(session, event) if event.recurring else []
+        sources = await reports.source_summaries(session, event_id=event.id)
+        points = await reports.timeline(session, svc.dialect, event_id=event.id,
+                                        until=min(v.now, event.rsvp_until))
+    name = event.summary or "(untitled event)"
+    timeline = _svg(charts.timeline_svg(points, title=f"Answers over time: {name}",
+                                        width=CHART_WIDTH, height=360))
+    if event.recurring:
+        games = [(occurrence_text(occ, event), c) for occ, c in per]
+        title = f"Yes / no / maybe per occurrence: {name}"
+    else:
+        games, title = [(game_label(event), one.counts)], f"Yes / no / maybe: {name}"
+    bars = _svg(charts.games_svg(games[:CHART_OCCURRENCES], title=title, width=CHART_WIDTH,
+                                 more=max(len(games) - CHART_OCCURRENCES, 0)))
+    c = one.counts
+    answered = c.yes + c.no + c.maybe
+    steps, steps_cut = timeline_rows(points)
+    base = f"/console/events/{event.public_id}"
+    return v.page(
+        "event.html", title=name, event=event, name=name, when=when_text(event),
+        counts=c, row=_count_row(event, c), answered=answered,
+        rate=round(100 * answered / c.invited) if c.invited else 0,
+        page_url=svc.page_url(event.public_id), timeline=timeline, bars=bars,
+        steps=steps, steps_cut=steps_cut,
+        occurrences=[(occurrence_text(occ, event), oc) for occ, oc in per],
+        sources=[{"source": SOURCES.get(s.source, s.source),
+                  "origin": origin_text(s.source, s.origin), "c": s.counts} for s in sources],
+        csv_url=f"{base}/report.csv", csv_bom_url=f"{base}/report.csv?bom=1")
+
+
+def _csv(chunks: AsyncIterator[str], filename: str) -> Response:
+    """The same CSV as the CLI and the API (services.reports), streamed."""
+    return secure(StreamingResponse(
+        (chunk.encode("utf-8") async for chunk in chunks), media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'}))
+
+
+@router.get("/events/{public_id}/report.csv")
+async def event_csv(public_id: str, request: Request, bom: bool = False) -> Response:
+    v = await _visit(request)
+    if v.who is None:
+        return _to_login()
+    async with v.svc.sessions() as session:
+        event = await _my_event(session, v.who, public_id)
+    if event is None:
+        return _no_event(v)
+    return _csv(reports.csv_chunks(v.svc, event_id=event.id, bom=bom),
+                f"{event.public_id}.csv")
+
+
+@router.get("/report.csv")
+async def organizer_csv(request: Request, bom: bool = False) -> Response:
+    """Every answer to every event of the signed-in organizer."""
+    v = await _visit(request)
+    if v.who is None:
+        return _to_login()
+    return _csv(reports.csv_chunks(v.svc, organizer=normalize_email(v.who.email), bom=bom),
+                "organizer.csv")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-// ciserver organizer console: live answer counts, the live page preview, copy buttons.
+// ciserver organizer console: live answer counts (events table, an event's figures), the
+// live page preview, copy buttons.
 // Every page works without this file; it only makes them update by themselves.
 (function () {
   "use strict";
@@ -76,8 +77,8 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () {
-    var table = document.getElementById("events");
-    if (table && table.getAttribute("data-counts-url")) { startCounts(table); }
+    // The events table of the home page, the figures of an event's report.
+    document.querySelectorAll("table[data-counts-url]").forEach(startCounts);
     var form = document.getElementById("page-form");
     var frame = document.getElementById("preview");
     if (form && frame) { startPreview(form, frame); }
