@@ -5,6 +5,7 @@ with its preview, escaping and security headers."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import csv
 import html
@@ -27,7 +28,7 @@ from sqlalchemy import select
 from ciserver import relay
 from ciserver.itip import content as content_mod
 from ciserver.services import events, pages, subscriptions
-from ciserver.services.auth import ConsoleAuth
+from ciserver.services.auth import PURGE_GRACE, ConsoleAuth, LinkClaims
 from ciserver.services.context import Services
 from ciserver.store import models
 from ciserver.web import console
@@ -57,6 +58,25 @@ def app(svc: Services) -> FastAPI:
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with client_for(app) as c:
         yield c
+
+
+@pytest.fixture
+async def instances(svc: Services) -> AsyncIterator[Callable[[], FastAPI]]:
+    """More `ciserver serve` instances on svc's database: each call makes a new app over new
+    Services (their own engine and memory), as another process, or a restart, would have."""
+    opened: list[Services] = []
+
+    def instance() -> FastAPI:
+        other = Services.open(svc.config)
+        other.clock = lambda: svc.now()
+        opened.append(other)
+        return create_app(other)
+
+    try:
+        yield instance
+    finally:
+        for other in opened:
+            await other.close()
 
 
 @pytest.fixture(params=["public", "fallback"])
@@ -164,6 +184,19 @@ async def ask_link(svc: Services, client: httpx.AsyncClient, sink: Sink,
     m = re.search(re.escape(BASE) + r"/console/auth\?token=(\S+)", mails[0].text())
     assert m, mails[0].text()
     return m.group(0)
+
+
+async def link_form(client: httpx.AsyncClient, link: str) -> dict[str, str]:
+    """Open a sign-in link: the form its button posts (this browser's CSRF token)."""
+    r = await client.get(link)
+    assert r.status_code == 200 and 'action="/console/auth"' in r.text, r.text
+    token = re.search(r'name="token" value="([^"]+)"', r.text)
+    assert token
+    return {"csrf": csrf_of(r.text), "token": html.unescape(token.group(1))}
+
+
+def set_session(client: httpx.AsyncClient, value: str) -> None:
+    client.cookies.set("ci_session", value, domain="invites.example.com", path="/console")
 
 
 async def sign_in(svc: Services, client: httpx.AsyncClient, sink: Sink,
@@ -278,6 +311,120 @@ async def test_link_expiry_reuse_and_tampering(app: FastAPI, svc: Services,
         forger.cookies.set("ci_session", session_value[:-3] + "abc",
                            domain="invites.example.com", path="/console")
         assert (await forger.get("/console")).status_code == 303
+
+
+async def test_a_link_works_once_on_every_instance(
+        svc: Services, client: httpx.AsyncClient, sink: Sink,
+        instances: Callable[[], FastAPI]) -> None:
+    """Used links are kept in the database: another instance on it, or one started later,
+    refuses a link used here."""
+    link = await ask_link(svc, client, sink)
+    async with client_for(instances()) as on_b:
+        form_b = await link_form(on_b, link)  # instance B shows the button: not used yet
+        r = await client.post("/console/auth", data=await link_form(client, link))
+        assert r.status_code == 303 and "ci_session" in client.cookies  # used on A
+        r = await on_b.post("/console/auth", data=form_b)
+        assert r.status_code == 400 and "already used" in r.text
+        assert "ci_session" not in on_b.cookies
+        r = await on_b.get(link)
+        assert r.status_code == 400 and "already used" in r.text
+    async with client_for(instances()) as on_c:  # after a restart
+        r = await on_c.get(link)
+        assert r.status_code == 400 and "already used" in r.text
+        page = await on_c.get("/console/login")
+        r = await on_c.post("/console/auth", data={"csrf": csrf_of(page.text),
+                                                   "token": form_b["token"]})
+        assert r.status_code == 400 and "ci_session" not in on_c.cookies
+    async with svc.sessions() as session:
+        rows = (await session.execute(select(models.ConsoleToken))).scalars().all()
+    assert [row.kind for row in rows] == ["link"]
+
+
+async def test_signing_out_is_global_and_survives_a_restart(
+        svc: Services, client: httpx.AsyncClient, sink: Sink,
+        instances: Callable[[], FastAPI]) -> None:
+    await sign_in(svc, client, sink)
+    value = client.cookies["ci_session"]
+    async with client_for(instances()) as on_b:
+        set_session(on_b, value)
+        # B accepts the cookie before the sign-out (and must not keep that answer)
+        assert (await on_b.get("/console")).status_code == 200
+        r = await client.post("/console/logout", data={"csrf": csrf_of((await client.get(
+            "/console")).text)})
+        assert r.status_code == 303
+        assert (await on_b.get("/console")).status_code == 303
+        assert (await on_b.get("/console")).status_code == 303  # (now from its cache)
+    async with client_for(instances()) as on_c:  # a restarted instance
+        set_session(on_c, value)
+        assert (await on_c.get("/console")).status_code == 303
+        assert (await on_c.get("/console/counts.json")).status_code == 401
+    # Signing in again gives a new session, which works everywhere.
+    await sign_in(svc, client, sink)
+    async with client_for(instances()) as on_d:
+        set_session(on_d, client.cookies["ci_session"])
+        assert (await on_d.get("/console")).status_code == 200
+
+
+async def test_one_link_posted_at_once_on_several_instances_signs_in_once(
+        app: FastAPI, svc: Services, client: httpx.AsyncClient, sink: Sink,
+        instances: Callable[[], FastAPI]) -> None:
+    link = await ask_link(svc, client, sink)
+    async with client_for(app) as same, client_for(instances()) as other:
+        browsers = [client, same, other]
+        forms = [await link_form(c, link) for c in browsers]
+        results = await asyncio.gather(*(c.post("/console/auth", data=f)
+                                         for c, f in zip(browsers, forms, strict=True)))
+        assert sorted(r.status_code for r in results) == [303, 400, 400]
+        assert all("already used" in r.text for r in results if r.status_code == 400)
+        assert sum("ci_session" in c.cookies for c in browsers) == 1
+
+    # The same race one level down: two instances' auth state, one nonce, one winner.
+    auth_a, auth_b = ConsoleAuth(svc.book.secret, 3600), ConsoleAuth(svc.book.secret, 3600)
+    claims = auth_a.read_link(auth_a.link_token(ORGANIZER, svc.now()), svc.now())
+    assert claims is not None
+    second = Services.open(svc.config)
+    try:
+        got = await asyncio.gather(auth_a.consume_link(svc.sessions, claims, svc.now()),
+                                   auth_b.consume_link(second.sessions, claims, svc.now()))
+        assert sorted(got) == [False, True]
+        got = await asyncio.gather(auth_a.consume_link(svc.sessions, claims, svc.now()),
+                                   auth_b.consume_link(second.sessions, claims, svc.now()))
+        assert got == [False, False]
+    finally:
+        await second.close()
+
+
+async def test_expired_tokens_are_purged(svc: Services) -> None:
+    auth_state = ConsoleAuth(svc.book.secret, 3600)
+    now = svc.now()
+
+    async def store(*rows: tuple[str, timedelta]) -> None:
+        async with svc.sessions.begin() as session:
+            session.add_all(models.ConsoleToken(kind="link", ident=ident, expires_at=now + delta)
+                            for ident, delta in rows)
+
+    async def left() -> list[str]:
+        async with svc.sessions() as session:
+            q = select(models.ConsoleToken.ident).order_by(models.ConsoleToken.ident)
+            return list((await session.execute(q)).scalars().all())
+
+    long_ago = ("long-ago", -PURGE_GRACE - timedelta(minutes=1))
+    await store(long_ago,
+                ("just-now", -timedelta(minutes=1)),  # kept a while: instances' clocks differ
+                ("live", timedelta(minutes=10)))
+    # a sign-in purges
+    assert await auth_state.consume_link(svc.sessions, LinkClaims(
+        ORGANIZER, now + timedelta(minutes=15), "fresh"), now)
+    assert await left() == ["fresh", "just-now", "live"]
+    # ... now and then
+    await store(long_ago)
+    assert await auth_state.purge(svc.sessions, now) == 0
+    assert await left() == ["fresh", "just-now", "live", "long-ago"]
+    assert await auth_state.purge(svc.sessions, now, force=True) == 1
+    assert await left() == ["fresh", "just-now", "live"]
+    # a row kept past its expiry still refuses its link
+    assert not await auth_state.consume_link(svc.sessions, LinkClaims(
+        ORGANIZER, now - timedelta(minutes=1), "just-now"), now)
 
 
 async def test_same_answer_for_everyone_but_mail_only_for_organizers(

@@ -5,17 +5,24 @@ token of one kind can never be replayed as another:
 
 * **Magic link token** (``/console/auth?token=...``): ``{email, expiry, nonce}`` signed; valid
   for :data:`LINK_LIFETIME`. The GET of the link only *shows* a button (mail scanners follow
-  links); the POST consumes the nonce. Used nonces are remembered in memory until the token's
-  own expiry (:class:`OneTime`), so within one process a link signs in once. With several
-  ``ciserver serve`` instances behind a load balancer each instance keeps its own memory: a
-  link could be replayed once on every *other* instance during its 15 minutes. The short
-  lifetime, the mail being the only place the link lives, and ``Referrer-Policy: no-referrer``
-  on the console keep that window small; a shared table would make it global.
+  links); the POST consumes the nonce by inserting it into the ``console_tokens`` table
+  (:class:`~ciserver.store.models.ConsoleToken`, kind ``link``). The primary key makes the
+  insert succeed once: a second use, on this or any other ``ciserver serve`` instance sharing
+  the database, or two at the same moment, hits the primary key and is refused. So a link signs
+  in once, across instances and restarts.
 * **Session cookie**: ``{email, expiry, session id}`` signed, ``[web] console_session_lifetime``
-  seconds. Nothing is stored server-side; signing out clears the cookie and remembers the
-  session id as revoked in this process's memory until it would have expired anyway.
+  seconds. Signing out clears the cookie and inserts the session id into ``console_tokens``
+  (kind ``session``); every console request with an authentic, unexpired session cookie looks
+  its id up there (one primary-key lookup), so a signed-out cookie is refused by every
+  instance, also after a restart. Each process remembers the ids it has found revoked (never
+  the ones it found valid), so a revoked cookie replayed to it costs no query.
 * **CSRF token**: HMAC of the session id (signed in) or of a random pre-session cookie
   (sign-in forms), sent in a hidden field and compared on every POST.
+
+Rows are kept until the token they came from has expired, plus :data:`PURGE_GRACE` for
+instances whose clocks differ; a sign-in deletes rows past that (a bounded batch, at most
+once per :data:`PURGE_INTERVAL` seconds per process). The limits on sign-in *requests* (per client
+address, per email address) stay in each process's memory (:mod:`ciserver.web.console`).
 
 Whether an address may sign in is checked again on every request (:func:`may_organize`): an
 operator who takes an organizer off the allow-list (and who owns no events) locks them out at
@@ -29,20 +36,30 @@ import binascii
 import hashlib
 import hmac
 import json
+import logging
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Table, delete, insert, select, tuple_
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ..addresses import normalize_email
-from ..store.models import Event
+from ..store.models import ConsoleToken, Event
 from . import notify, policy
 from .context import Services
 
+log = logging.getLogger("ciserver.console")
+
 LINK_LIFETIME = timedelta(minutes=15)
+LINK, SESSION = "link", "session"  # console_tokens.kind
+PURGE_GRACE = timedelta(hours=1)  # rows outlive their token by this (clocks of instances)
+PURGE_INTERVAL = 60.0  # seconds between purges, per process
+PURGE_BATCH = 1000  # rows deleted at most per purge
+_TOKENS = cast(Table, ConsoleToken.__table__)
 _VERSION = "1"
 _MAX_TOKEN = 2000  # characters; anything longer is not ours
 
@@ -121,41 +138,59 @@ class SessionClaims:
     sid: str
 
 
-class OneTime:
-    """Ids that were used, each forgotten once the token it came from has expired anyway."""
+class _Revoked:
+    """Session ids this process has seen revoked, each forgotten once its session has expired
+    anyway. Only revocations are remembered: they are final, a valid answer is not."""
 
-    def __init__(self, max_entries: int = 100_000) -> None:
-        self._seen: dict[str, float] = {}  # id -> unix expiry
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._ids: dict[str, float] = {}  # id -> unix expiry
         self._max = max_entries
 
-    def _prune(self, now: float) -> None:
-        for key in [k for k, exp in self._seen.items() if exp <= now]:
-            del self._seen[key]
-        if len(self._seen) >= self._max:  # flooded: forget the ones expiring first
-            for key in sorted(self._seen, key=self._seen.__getitem__)[: self._max // 2]:
-                del self._seen[key]
+    def __contains__(self, ident: str) -> bool:
+        return ident in self._ids
 
-    def seen(self, ident: str) -> bool:
-        return ident in self._seen
+    def add(self, ident: str, expires: datetime, now: datetime) -> None:
+        if len(self._ids) >= self._max:
+            stamp = now.timestamp()
+            for key in [k for k, exp in self._ids.items() if exp <= stamp]:
+                del self._ids[key]
+            if len(self._ids) >= self._max:  # flooded: forget the ones expiring first
+                for key in sorted(self._ids, key=self._ids.__getitem__)[: self._max // 2]:
+                    del self._ids[key]
+        self._ids[ident] = expires.timestamp()
 
-    def use(self, ident: str, expires: datetime, now: datetime) -> bool:
-        """Mark ``ident`` used; False if it already was."""
-        if ident in self._seen:
-            return False
-        if len(self._seen) >= self._max:
-            self._prune(now.timestamp())
-        self._seen[ident] = expires.timestamp()
-        return True
+
+async def _stored(session: AsyncSession, kind: str, ident: str) -> bool:
+    """Is (kind, ident) in console_tokens (a primary-key lookup)."""
+    found = await session.execute(
+        select(_TOKENS.c.kind).where(_TOKENS.c.kind == kind, _TOKENS.c.ident == ident))
+    return found.first() is not None
+
+
+async def _store_once(sessions: async_sessionmaker[AsyncSession], kind: str, ident: str,
+                      expires: datetime) -> bool:
+    """Insert (kind, ident) in its own transaction; False if it was there already.
+
+    The primary key decides, so concurrent inserts of one id on any number of instances
+    (SQLite or PostgreSQL) let exactly one succeed."""
+    try:
+        async with sessions.begin() as session:
+            await session.execute(insert(_TOKENS).values(kind=kind, ident=ident,
+                                                         expires_at=expires))
+    except IntegrityError:
+        return False
+    return True
 
 
 class ConsoleAuth:
-    """One web process's sign-in state: the signer, used link nonces, revoked sessions."""
+    """The signer, and the used links and revoked sessions kept in the database (shared by
+    every instance); one per web app, which also keeps a cache of revoked session ids."""
 
     def __init__(self, secret: bytes, session_lifetime: int) -> None:
         self.signer = Signer(secret)
         self.session_lifetime = timedelta(seconds=session_lifetime)
-        self.used_links = OneTime()
-        self.revoked_sessions = OneTime()
+        self._revoked = _Revoked()
+        self._next_purge = 0.0  # time.monotonic() of the next purge
 
     # Magic links ---------------------------------------------------------------------------
     def link_token(self, email: str, now: datetime) -> str:
@@ -168,12 +203,16 @@ class ConsoleAuth:
         got = _claims(self.signer.verify("link", token), now, "n")
         return LinkClaims(*got) if got else None
 
-    def link_used(self, claims: LinkClaims) -> bool:
-        return self.used_links.seen(claims.nonce)
+    async def link_used(self, session: AsyncSession, claims: LinkClaims) -> bool:
+        return await _stored(session, LINK, claims.nonce)
 
-    def consume_link(self, claims: LinkClaims, now: datetime) -> bool:
-        """True the first time a link is used (in this process), False after."""
-        return self.used_links.use(claims.nonce, claims.expires, now)
+    async def consume_link(self, sessions: async_sessionmaker[AsyncSession],
+                           claims: LinkClaims, now: datetime) -> bool:
+        """True the first time a link is used (on any instance), False after. Commits in a
+        transaction of its own: open no other session of ``sessions`` meanwhile."""
+        first = await _store_once(sessions, LINK, claims.nonce, claims.expires)
+        await self.purge(sessions, now)
+        return first
 
     # Sessions ------------------------------------------------------------------------------
     def new_session(self, email: str, now: datetime) -> tuple[str, SessionClaims]:
@@ -184,14 +223,47 @@ class ConsoleAuth:
                                              "s": claims.sid})
         return value, claims
 
-    def read_session(self, value: str | None, now: datetime) -> SessionClaims | None:
+    async def read_session(self, session: AsyncSession, value: str | None, now: datetime
+                           ) -> SessionClaims | None:
+        """The claims of an authentic, unexpired session cookie that was not signed out."""
         got = _claims(self.signer.verify("session", value or ""), now, "s")
-        if got is None or self.revoked_sessions.seen(got[2]):
+        if got is None:
             return None
-        return SessionClaims(*got)
+        claims = SessionClaims(*got)
+        if claims.sid in self._revoked:
+            return None
+        if await _stored(session, SESSION, claims.sid):
+            self._revoked.add(claims.sid, claims.expires, now)
+            return None
+        return claims
 
-    def end_session(self, claims: SessionClaims, now: datetime) -> None:
-        self.revoked_sessions.use(claims.sid, claims.expires, now)
+    async def end_session(self, sessions: async_sessionmaker[AsyncSession],
+                          claims: SessionClaims, now: datetime) -> None:
+        """Revoke the session everywhere (commits in a transaction of its own)."""
+        await _store_once(sessions, SESSION, claims.sid, claims.expires)  # again: fine
+        self._revoked.add(claims.sid, claims.expires, now)
+
+    # Housekeeping --------------------------------------------------------------------------
+    async def purge(self, sessions: async_sessionmaker[AsyncSession], now: datetime,
+                    force: bool = False) -> int:
+        """Delete up to :data:`PURGE_BATCH` rows that expired more than :data:`PURGE_GRACE`
+        ago; at most once per :data:`PURGE_INTERVAL` seconds unless ``force``. Returns how
+        many went; a failure (a concurrent purge, say) is logged and left to the next one."""
+        clock = time.monotonic()
+        if not force and clock < self._next_purge:
+            return 0
+        self._next_purge = clock + PURGE_INTERVAL
+        expired = (select(_TOKENS.c.kind, _TOKENS.c.ident)
+                   .where(_TOKENS.c.expires_at < now - PURGE_GRACE)
+                   .limit(PURGE_BATCH))
+        try:
+            async with sessions.begin() as session:
+                result = await session.execute(delete(_TOKENS).where(
+                    tuple_(_TOKENS.c.kind, _TOKENS.c.ident).in_(expired)))
+        except DBAPIError as exc:
+            log.warning("console sign-in: purging expired tokens failed: %s", exc)
+            return 0
+        return int(getattr(result, "rowcount", 0) or 0)
 
     # CSRF ----------------------------------------------------------------------------------
     def csrf_token(self, binding: str) -> str:

@@ -138,6 +138,16 @@ class Digest(Base):
     last_sent_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class ConsoleToken(Base):
+    """A used console sign-in link (kind "link", its nonce) or a signed-out console session
+    (kind "session", its id), kept until the token it came from has expired anyway."""
+
+    __tablename__ = "console_tokens"
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # link | session
+    ident: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
 class EventVersion(Base):
     __tablename__ = "event_versions"
     id: Mapped[int] = mapped_column(Id, primary_key=True)

@@ -35,6 +35,7 @@ from fastapi.responses import (
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.background import BackgroundTask
 from starlette.datastructures import ImmutableMultiDict
 
@@ -186,12 +187,12 @@ async def _visit(request: Request) -> Visit:
     svc = _svc(request)
     now = svc.now()
     console_auth = _auth(request)
-    claims = console_auth.read_session(request.cookies.get(SESSION_COOKIE), now)
-    who = claims
-    if claims is not None:
-        async with svc.sessions() as session:
-            if not await auth.may_organize(svc, session, claims.email):
-                who = None
+    async with svc.sessions() as session:  # connects only for an authentic session cookie
+        claims = await console_auth.read_session(session, request.cookies.get(SESSION_COOKIE),
+                                                 now)
+        who = claims
+        if claims is not None and not await auth.may_organize(svc, session, claims.email):
+            who = None
     return Visit(request, svc, console_auth, now, claims, who,
                  request.cookies.get(FORM_COOKIE))
 
@@ -286,12 +287,13 @@ async def _send_link(svc: Services, console_auth: ConsoleAuth, email: str,
             await auth.mail_link(svc, session, email, url)
 
 
-def _link_problem(v: Visit, token: str) -> tuple[auth.LinkClaims | None, str]:
+async def _link_problem(v: Visit, session: AsyncSession, token: str
+                        ) -> tuple[auth.LinkClaims | None, str]:
     claims = v.auth.read_link(token, v.now)
     if claims is None:
         return None, ("This sign-in link is not valid or has expired (links work for 15 "
                       "minutes). Ask for a new one.")
-    if v.auth.link_used(claims):
+    if await v.auth.link_used(session, claims):
         return None, "This sign-in link was already used. Ask for a new one."
     return claims, ""
 
@@ -300,7 +302,8 @@ def _link_problem(v: Visit, token: str) -> tuple[auth.LinkClaims | None, str]:
 async def auth_confirm(request: Request, token: str = "") -> Response:
     # A GET never signs in: mail security scanners open links. The button POSTs.
     v = await _visit(request)
-    claims, problem = _link_problem(v, token)
+    async with v.svc.sessions() as session:
+        claims, problem = await _link_problem(v, session, token)
     if claims is None:
         return v.page("message.html", 400, title="Sign-in link", heading="Sign-in link",
                       text=problem, link="/console/login", link_text="Ask for a new link")
@@ -314,12 +317,12 @@ async def auth_signin(request: Request) -> Response:
     if form is None:
         return _refused(v)
     token = str(form.get("token", ""))
-    claims, problem = _link_problem(v, token)
-    if claims is not None:
-        async with v.svc.sessions() as session:
-            if not await auth.may_organize(v.svc, session, claims.email):
-                claims, problem = None, "This address may not use the console any more."
-    if claims is not None and not v.auth.consume_link(claims, v.now):
+    async with v.svc.sessions() as session:
+        claims, problem = await _link_problem(v, session, token)
+        if claims is not None and not await auth.may_organize(v.svc, session, claims.email):
+            claims, problem = None, "This address may not use the console any more."
+    # The insert of the nonce decides, on every instance sharing the database: one use wins.
+    if claims is not None and not await v.auth.consume_link(v.svc.sessions, claims, v.now):
         claims, problem = None, "This sign-in link was already used. Ask for a new one."
     if claims is None:
         return v.page("message.html", 400, title="Sign-in link", heading="Sign-in link",
@@ -341,7 +344,7 @@ async def logout(request: Request) -> Response:
     if form is None:
         return _refused(v)
     if v.session is not None:
-        v.auth.end_session(v.session, v.now)
+        await v.auth.end_session(v.svc.sessions, v.session, v.now)
     response = RedirectResponse("/console/login?signed_out=1", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/console", secure=_https(v.svc),
                            httponly=True, samesite="lax")
