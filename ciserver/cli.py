@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -11,7 +12,9 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import config as config_mod
 from .services.context import Services
@@ -20,6 +23,38 @@ from .store import db
 T = TypeVar("T")
 # Piped output is not squeezed to 80 columns: people paste it and scripts grep it.
 console = Console(width=None if sys.stdout.isatty() else 220)
+
+
+# Stored text is data, never markup or terminal control: customer names from public invite
+# requests, summaries, Origin headers, envelope senders and SMTP answers are written by
+# strangers. Tables get rich Text cells (no [markup] parsed), and C0/C1 control characters
+# (ESC and the rest) never reach the terminal.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _plain(value: object, *, lines: bool = False) -> str:
+    """``value`` as terminal-safe text: tab, CR and LF become spaces (LF kept with
+    ``lines``), every other control character U+FFFD."""
+    text = "" if value is None else str(value)
+    if lines:
+        text = text.replace("\r\n", "\n")
+
+    def one(m: re.Match[str]) -> str:
+        c = m.group()
+        if c == "\n" and lines:
+            return c
+        return " " if c in "\t\r\n" else "\ufffd"
+
+    return _CONTROLS.sub(one, text)
+
+
+def _cell(value: object, style: str = "") -> Text:
+    """A table cell (or title) shown literally."""
+    return Text(_plain(value), style=style)
+
+
+def _cells(*values: object) -> list[Text]:
+    return [_cell(v) for v in values]
 
 
 def _config(ctx: click.Context) -> config_mod.Config:
@@ -363,9 +398,9 @@ def status(ctx: click.Context, timeout: float) -> None:
         else:
             rows.append(("outbox", "ok", detail))
     style = {"ok": "green", "warn": "yellow", "FAIL": "bold red"}
-    table = Table("check", "state", "detail", title=f"ciserver status ({cfg.source})")
+    table = Table("check", "state", "detail", title=_cell(f"ciserver status ({cfg.source})"))
     for check, state, detail in rows:
-        table.add_row(check, f"[{style[state]}]{state}[/]", detail)
+        table.add_row(_cell(check), _cell(state, style[state]), _cell(detail))
     console.print(table)
     failed = [check for check, state, _ in rows if state == "FAIL"]
     if failed:
@@ -443,9 +478,9 @@ def apikey_list(ctx: click.Context, as_json: bool) -> None:
         return
     table = Table("id", "prefix", "scope", "for", "label", "created", "last used", "revoked")
     for r in rows:
-        table.add_row(str(r.id), r.prefix, r.scope, r.organizer_email or r.domain or "*",
-                      r.label, when(r.created_at), when(r.last_used_at) or "never",
-                      when(r.revoked_at))
+        table.add_row(*_cells(r.id, r.prefix, r.scope, r.organizer_email or r.domain or "*",
+                              r.label, when(r.created_at), when(r.last_used_at) or "never",
+                              when(r.revoked_at)))
     console.print(table)
 
 
@@ -494,10 +529,59 @@ def events_list(ctx: click.Context, organizer: str | None, domain: str | None,
                   "Y", "N", "M", "page")
     cfg = _config(ctx)
     for e, c in rows:
-        table.add_row(e.public_id, f"{e.start_at:%Y-%m-%d %H:%M}", e.summary, e.organizer_email,
-                      e.status, str(e.sequence), str(c.invited), str(c.yes), str(c.no),
-                      str(c.maybe), f"{cfg.base_url}/e/{e.public_id}")
+        table.add_row(*_cells(e.public_id, f"{e.start_at:%Y-%m-%d %H:%M}", e.summary,
+                              e.organizer_email, e.status, e.sequence, c.invited, c.yes, c.no,
+                              c.maybe, f"{cfg.base_url}/e/{e.public_id}"))
     console.print(table)
+
+
+async def _find_event(session: Any, ref: str) -> Any:
+    """The event EVENT names (API id, customer UID or organizer's UID), or a ClickException:
+    none, or an organizer's UID that several organizers' events share (co-organizers),
+    listing those events so the user can pick one by its API id."""
+    from .services import events as ev
+
+    try:
+        return await ev.find(session, ref, unique=True)
+    except ev.NotFound as exc:
+        raise click.ClickException(str(exc)) from None
+    except ev.Ambiguous as exc:
+        lines = [f"{_plain(repr(ref))} matches {exc.matches} events (organizers share that "
+                 "UID): give the API id of one"]
+        lines += [f"  {e.public_id}  {_plain(e.organizer_email)}  "
+                  f"{e.start_at:%Y-%m-%d %H:%M} UTC  {_plain(e.summary)[:60]}"
+                  for e in exc.candidates]
+        raise click.ClickException("\n".join(lines)) from None
+
+
+def _people_csv(text: str) -> list[tuple[int, str, str]]:
+    """(line, email, name) of the CSV's customers: rows of email[,name], a header row naming
+    an ``email`` (and ``name``) column recognised, blank rows skipped, the line where each
+    record starts counted as in the file (as POST /events/{id}/attendees reads CSV)."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+    rows: list[tuple[int, list[str]]] = []
+    try:
+        start = 1
+        for record in reader:
+            if any(c.strip() for c in record):
+                rows.append((start, record))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise click.ClickException(f"--csv: not a CSV file (line {reader.line_num}: "
+                                   f"{exc})") from None
+    if not rows:
+        return []
+    header = [c.strip().lower() for c in rows[0][1]]
+    if "email" in header:
+        ei, ni = header.index("email"), header.index("name") if "name" in header else None
+        rows = rows[1:]
+    else:
+        ei, ni = 0, 1
+    return [(line, r[ei].strip() if len(r) > ei else "",
+             r[ni].strip() if ni is not None and len(r) > ni else "") for line, r in rows]
 
 
 @main.command()
@@ -507,22 +591,29 @@ def events_list(ctx: click.Context, organizer: str | None, domain: str | None,
 @click.option("--email", "emails", multiple=True, help="A customer address (repeatable).")
 @click.pass_context
 def invite(ctx: click.Context, event: str, csv_file: Any, emails: tuple[str, ...]) -> None:
-    """Send EVENT's invite to customers (the twin of POST /events/{id}/attendees)."""
-    from .services import events as ev
+    """Send EVENT's invite to customers (the twin of POST /events/{id}/attendees). A bad
+    address refuses the whole list, naming its CSV line."""
     from .services import subscriptions
-    from .web.api import parse_people_csv
 
-    people = parse_people_csv(csv_file.read()) if csv_file else []
-    people += [(e, "") for e in emails]
-    if not people:
+    where = csv_file.name if csv_file else ""
+    rows = [(f"{where}, line {line}", e, n)
+            for line, e, n in (_people_csv(csv_file.read()) if csv_file else [])]
+    rows += [("--email", e, "") for e in emails]
+    if not rows:
         raise click.UsageError("give --csv FILE or --email ADDRESS")
+    for place, address, _ in rows:  # all or nothing: check every address first
+        try:
+            subscriptions.check_email(address)
+        except subscriptions.InvalidAddress as exc:
+            raise click.ClickException(f"{_plain(place)}: {_plain(exc)}") from None
+    people = [(e, n) for _, e, n in rows]
 
     async def fn(svc: Services) -> tuple[int, int]:
         async with svc.sessions.begin() as session:
+            target = await _find_event(session, event)
             try:
-                target = await ev.find(session, event)
                 return await subscriptions.invite_many(svc, session, target, people, "api")
-            except (ev.NotFound, subscriptions.InvalidAddress, subscriptions.EventClosed) as exc:
+            except (subscriptions.InvalidAddress, subscriptions.EventClosed) as exc:
                 raise click.ClickException(str(exc)) from None
 
     queued, already = run_with(ctx, fn)
@@ -554,9 +645,8 @@ def _progress_bar() -> Any:
                     console=_stderr_console(), transient=sys.stderr.isatty())
 
 
-def _counts_cells(c: Any) -> list[str]:
-    return [str(c.invited), str(c.yes), str(c.no), str(c.maybe), str(c.no_answer),
-            str(c.bounced), str(c.unsubscribed)]
+def _counts_cells(c: Any) -> list[Text]:
+    return _cells(c.invited, c.yes, c.no, c.maybe, c.no_answer, c.bounced, c.unsubscribed)
 
 
 _COUNT_HEADERS = ("invited", "Y", "N", "M", "no answer", "bounced", "unsub.")
@@ -575,13 +665,8 @@ def _report(ctx: click.Context, opts: dict[str, Any], title: str, **scope: Any) 
         show_progress = sys.stderr.isatty() and (bool(output) or not sys.stdout.isatty())
 
     async def find_event(svc: Services) -> Any:
-        from .services import events as ev
-
         async with svc.sessions() as session:
-            try:
-                event = await ev.find(session, scope.pop("event_ref"))
-            except ev.NotFound as exc:
-                raise click.ClickException(str(exc)) from None
+            event = await _find_event(session, scope.pop("event_ref"))
         scope["event_id"] = event.id
         return event
 
@@ -617,8 +702,8 @@ def _report(ctx: click.Context, opts: dict[str, Any], title: str, **scope: Any) 
 
     kind, value = run_with(ctx, fn)
     if kind == "sent":
-        click.echo(f"report queued for delivery to {value.to} ({value.filename}, "
-                   f"{value.rows} rows)")
+        click.echo(_plain(f"report queued for delivery to {value.to} ({value.filename}, "
+                          f"{value.rows} rows)"))
     elif kind == "table":
         for item in value:
             console.print(item)
@@ -645,7 +730,8 @@ async def _export(svc: Services, output: str | None, history: bool, bom: bool,
     advance: Any = None
     if progress is not None:
         total = await reports.count_rows(svc, **scope) if not history else None
-        task = progress.add_task(f"{title} → {output or 'stdout'}", total=total)
+        task = progress.add_task(escape(_plain(f"{title} → {output or 'stdout'}")),
+                                 total=total)
 
         def advance(n: int) -> None:
             progress.advance(task, n)
@@ -682,31 +768,34 @@ async def _tables(svc: Services, event: Any, history: bool, limit: int,
     async with svc.sessions() as session:
         events = await reports.event_summaries(session, limit=limit, **scope)
         per = Table("start (UTC)", "event", "id", *_COUNT_HEADERS,
-                    title="answers per event" if event is None else event.summary)
+                    title="answers per event" if event is None else _cell(event.summary))
         for e in events:
-            per.add_row(f"{e.start:%Y-%m-%d %H:%M}", e.summary + (
-                " [dim](cancelled)[/dim]" if e.status == "cancelled" else ""), e.id,
-                *_counts_cells(e.counts))
+            summary = _cell(e.summary)
+            if e.status == "cancelled":
+                summary.append(" (cancelled)", style="dim")
+            per.add_row(_cell(f"{e.start:%Y-%m-%d %H:%M}"), summary, _cell(e.id),
+                        *_counts_cells(e.counts))
         if event is None:
             total = await reports.totals(session, **scope)
             per.add_section()
             n = await reports.event_count(session, organizer=scope.get("organizer"),
                                           domain=scope.get("domain"))
-            per.add_row("", f"[bold]all {n} event(s)[/bold]", "", *_counts_cells(total))
+            per.add_row("", Text(f"all {n} event(s)", style="bold"), "",
+                        *_counts_cells(total))
         out.append(per)
         if event is not None and event.recurring:
             occ = Table("occurrence (UTC)", *_COUNT_HEADERS, title="per occurrence")
             for key, c in await reports.occurrence_counts(session, event, limit):
-                occ.add_row(key, *_counts_cells(c))
+                occ.add_row(_cell(key), *_counts_cells(c))
             out.append(occ)
         if scope.get("domain"):
             orgs = Table("organizer", "events", *_COUNT_HEADERS, title="per organizer")
             for o in await reports.organizer_summaries(session, scope["domain"]):
-                orgs.add_row(o.organizer, str(o.events), *_counts_cells(o.counts))
+                orgs.add_row(*_cells(o.organizer, o.events), *_counts_cells(o.counts))
             out.append(orgs)
         src = Table("source", "origin", *_COUNT_HEADERS, title="where customers came from")
         for s in await reports.source_summaries(session, **scope):
-            src.add_row(s.source, s.origin, *_counts_cells(s.counts))
+            src.add_row(*_cells(s.source, s.origin), *_counts_cells(s.counts))
         out.append(src)
         shown = 0
         if history:
@@ -717,10 +806,11 @@ async def _tables(svc: Services, event: Any, history: bool, limit: int,
                     shown += 1
                     continue
                 style = {"late": "yellow", "stale": "dim", "counter": "cyan"}.get(h.outcome)
-                table.add_row(h.received_at, h.event_summary, h.email, h.occurrence,
-                              f"{h.rsvp or '-'} {h.partstat}",
-                              h.outcome.upper() if h.outcome != "applied" else h.outcome,
-                              h.sequence, h.comment[:60], style=style)
+                table.add_row(*_cells(h.received_at, h.event_summary, h.email, h.occurrence,
+                                      f"{h.rsvp or '-'} {h.partstat}",
+                                      h.outcome.upper() if h.outcome != "applied"
+                                      else h.outcome, h.sequence, h.comment[:60]),
+                              style=style)
                 shown += 1
         else:
             table = Table("event", "start (UTC)", "email", "name", "rsvp", "partstat",
@@ -730,9 +820,9 @@ async def _tables(svc: Services, event: Any, history: bool, limit: int,
                 if shown >= limit:
                     shown += 1
                     continue
-                table.add_row(r.event_summary, r.event_start, r.email, r.name, r.rsvp or "-",
-                              r.partstat, r.responded_at, r.occurrence, r.status, r.source,
-                              r.origin)
+                table.add_row(*_cells(r.event_summary, r.event_start, r.email, r.name,
+                                      r.rsvp or "-", r.partstat, r.responded_at, r.occurrence,
+                                      r.status, r.source, r.origin))
                 shown += 1
         out.append(table)
         if shown > limit:
@@ -813,8 +903,8 @@ def inbox_list(ctx: click.Context, status: str | None, limit: int) -> None:
     table = Table("id", "received (UTC)", "status", "from", "to", "size", "result / error")
     for m in run_with(ctx, fn):
         note = (m.error or m.result).splitlines()[0] if (m.error or m.result) else ""
-        table.add_row(str(m.id), f"{m.received_at:%Y-%m-%d %H:%M:%S}", m.status, m.mail_from,
-                      m.rcpt_to.replace("\n", ", "), str(m.size), note[:100])
+        table.add_row(*_cells(m.id, f"{m.received_at:%Y-%m-%d %H:%M:%S}", m.status,
+                              m.mail_from, m.rcpt_to.replace("\n", ", "), m.size, note[:100]))
     console.print(table)
 
 
@@ -835,16 +925,19 @@ def inbox_show(ctx: click.Context, inbox_id: int, raw: bool) -> None:
     if raw:
         sys.stdout.buffer.write(m.raw)
         return
-    click.echo(f"id:          {m.id}\nreceived:    {m.received_at:%Y-%m-%d %H:%M:%S} UTC "
-               f"via {m.source} from {m.peer}\nenvelope:    {m.mail_from} -> "
-               f"{m.rcpt_to.replace(chr(10), ', ')}\nmessage-id:  {m.message_id}\n"
-               f"size:        {m.size} bytes\nstatus:      {m.status} (attempts {m.attempts})")
+    click.echo(_plain(
+        f"id:          {m.id}\nreceived:    {m.received_at:%Y-%m-%d %H:%M:%S} UTC "
+        f"via {m.source} from {_plain(m.peer)}\nenvelope:    {_plain(m.mail_from)} -> "
+        f"{_plain(m.rcpt_to.replace(chr(10), ', '))}\nmessage-id:  {_plain(m.message_id)}\n"
+        f"size:        {m.size} bytes\nstatus:      {m.status} (attempts {m.attempts})",
+        lines=True))
     if m.result:
-        click.echo("result:\n  " + m.result.replace("\n", "\n  "))
+        click.echo("result:\n  " + _plain(m.result, lines=True).replace("\n", "\n  "))
     if m.error:
-        click.echo("error:\n  " + m.error.replace("\n", "\n  "))
+        click.echo("error:\n  " + _plain(m.error, lines=True).replace("\n", "\n  "))
     head = m.raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
-    click.echo("headers:\n  " + head.decode("utf-8", "replace").replace("\n", "\n  "))
+    click.echo("headers:\n  " + _plain(head.decode("utf-8", "replace"),
+                                         lines=True).replace("\n", "\n  "))
 
 
 @inbox_group.command("retry")
@@ -953,16 +1046,18 @@ def queue_list(ctx: click.Context, state: str | None, domain: str | None, limit:
         domains = Table("domain", "pending", "sending", "failed", "oldest", "last error",
                         title="per destination domain")
         for dom, pending, sending, failed, first, _ in per_domain:
-            domains.add_row(dom, str(pending or 0), str(sending or 0), str(failed or 0),
-                            _age(now - first) if first else "", errors.get(dom, "")[:70])
+            domains.add_row(*_cells(dom, pending or 0, sending or 0, failed or 0,
+                                    _age(now - first) if first else "",
+                                    errors.get(dom, "")[:70]))
         console.print(domains)
     table = Table("id", "kind", "to", "state", "attempts", "queued (UTC)", "next try",
                   "last answer")
     for i in items:
-        table.add_row(str(i.id), i.kind, i.rcpt_to, i.state, str(i.attempts),
-                      f"{i.queued_at:%Y-%m-%d %H:%M:%S}",
-                      f"{i.next_attempt_at:%Y-%m-%d %H:%M:%S}" if i.state == "pending" else "",
-                      (i.last_response or "")[:80])
+        table.add_row(*_cells(i.id, i.kind, i.rcpt_to, i.state, i.attempts,
+                              f"{i.queued_at:%Y-%m-%d %H:%M:%S}",
+                              f"{i.next_attempt_at:%Y-%m-%d %H:%M:%S}"
+                              if i.state == "pending" else "",
+                              (i.last_response or "")[:80]))
     console.print(table)
 
 

@@ -268,7 +268,8 @@ async def _story(svc: Services, cfg: config_mod.Config, kept: Outbox, smtp_port:
         await _wait(lambda: len(kept.messages) >= before + 3, "the cancellations")
         say("   → every fan's calendar removes it (METHOD:CANCEL)")
 
-    say("\n6. The report (also: ciserver report event ID --format csv):")
+    say("\n6. The report. The same from the command line (the demo has a database of its own):\n"
+        f"   CISERVER_DATABASE__URL={cfg.database_url} ciserver report organizer {ORGANIZER}")
     async with svc.sessions() as session:
         async for row in reports.stream_rows(session):
             say(f"   {row.event_summary:<18} {row.email:<20} {row.rsvp or '-':<2} "

@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 
 from ciserver import config as config_mod
 from ciserver import relay
+from ciserver.itip import content as content_mod
 from ciserver.services import apikeys, events, subscriptions
 from ciserver.services.context import Services
 from ciserver.store import db
@@ -745,3 +746,27 @@ async def test_concurrent_public_invites_are_committed_together_with_the_same_an
     assert ("multi@example.com", a) in rcpts and ("multi@example.com", b) in rcpts
     assert ("old@example.com", a) not in rcpts and ("stopped@example.com", a) in rcpts
     assert {event for _, event in rcpts} == {a, b}
+
+
+async def test_co_organizers_sharing_a_calendar_uid_each_see_their_own_event(
+        setup: tuple[Services, httpx.AsyncClient]) -> None:
+    svc, client = setup
+    ids: dict[str, str] = {}
+    for who in (ORGANIZER, "amy@nba.example"):
+        async with svc.sessions.begin() as session:
+            event = await events.create(
+                svc, session, organizer=who, organizer_name="", organizer_uid="shared-uid",
+                content=content_mod.new_content(summary=who, start=START,
+                                                end=START + timedelta(hours=1)),
+                origin="mail")
+            ids[who] = event.public_id
+    for scope, owner in (({"organizer": ORGANIZER}, ORGANIZER),
+                         ({"organizer": "amy@nba.example"}, "amy@nba.example"),
+                         ({"domain": "nba.example"}, "amy@nba.example")):
+        auth = await key_for(svc, **scope)
+        r = await client.get("/api/v1/events/shared-uid", headers=auth)
+        assert r.status_code == 200 and r.json()["id"] == ids[owner], scope
+        r = await client.get("/api/v1/events/shared-uid/report.csv", headers=auth)
+        assert r.status_code == 200
+        other = next(v for k, v in ids.items() if k != owner)
+        assert (await client.get(f"/api/v1/events/{other}", headers=auth)).status_code == 404

@@ -814,7 +814,8 @@ async def test_envelope_senders(open_svc: OpenSvc) -> None:
         _, (sub,) = await new_event(svc, "Fan@Example.com")
         async with svc.sessions.begin() as session:
             await notify.send(svc, session, to=ORGANIZER, subject="Event ready",
-                              text="Your event is live.\n")
+                              text="Your event is live.\n",
+                              in_reply_to="<invite@team.example>")
         await drain(svc)
         server.wait(2)
         (invite,) = server.to("fan@example.com")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import binascii
 import html
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -23,12 +24,14 @@ from icalendar.parser import Parameters
 
 from . import content as content_mod
 
-_CONTROL = dict.fromkeys(range(32))
+_CONTROL_RUN = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
 
 def header_safe(text: str, limit: int = 200) -> str:
-    """Organizer text going into a mail header: no control characters (no header injection)."""
-    return " ".join(text.translate(_CONTROL).split())[:limit]
+    """Organizer text going into a mail header: no control characters (no header injection).
+    Each run of them (CR, LF, tab, NUL, DEL, C1…) counts as one space, so words stay apart
+    ("Game\\r\\nBcc: x" gives "Game Bcc: x"); then white space is collapsed and trimmed."""
+    return " ".join(_CONTROL_RUN.sub(" ", text).split())[:limit]
 
 
 @dataclass(frozen=True)

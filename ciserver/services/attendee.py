@@ -210,7 +210,7 @@ async def _forward_plain(svc: Services, session: AsyncSession, msg: Incoming,
                          sub: Subscription, event: Event) -> Outcome:
     body = msg.ex.text_body.strip() or "(the message has no plain-text body)"
     await notify.send(
-        svc, session, to=event.organizer_email, reply_to=sub.email,
+        svc, session, to=event.organizer_email, reply_to=sub.email, auto_submitted="auto-replied",
         subject=f"Message from {sub.email} about {event.summary}",
         text=f"{sub.name or sub.email} <{sub.email}> wrote about {event.summary!r}:\n\n"
              f"Subject: {msg.ex.subject}\n\n{body}\n\n-- \nAnswering this mail answers "
@@ -235,7 +235,7 @@ async def _counter(svc: Services, session: AsyncSession, msg: Incoming, sub: Sub
               "invite will get the change. Answering this mail answers "
               f"{sub.email} directly."]
     await notify.send(
-        svc, session, to=event.organizer_email, reply_to=sub.email,
+        svc, session, to=event.organizer_email, reply_to=sub.email, auto_submitted="auto-replied",
         subject=f"{sub.name or sub.email} proposes a new time for {event.summary}",
         text="\n".join(lines) + "\n")
     proposal = (f"proposed {comp.start_utc:%Y-%m-%dT%H:%M:%SZ}" if comp.start_utc
@@ -268,7 +268,7 @@ async def _decline_counter(svc: Services, session: AsyncSession, sub: Subscripti
         unsubscribe_address=book.address(Kind.UNSUBSCRIBE, sub.id),
         unsubscribe_url=svc.unsubscribe_url(book.token(sub.id)))
     await notify.send(
-        svc, session, to=sub.email, sender=to.rsvp_address,
+        svc, session, to=sub.email, sender=to.rsvp_address, auto_submitted="auto-replied",
         envelope_from=book.address(Kind.BOUNCE, sub.id),
         subject=f"Declined: your proposed new time for {event.summary}",
         text=f"The organizer keeps the current time for {event.summary!r}.\n",

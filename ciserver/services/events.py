@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, case, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..addresses import domain_of, normalize_email
@@ -27,6 +27,16 @@ from .context import Services
 
 class NotFound(LookupError):
     pass
+
+
+class Ambiguous(LookupError):
+    """An organizer's UID that several events share (co-organizers, each with their own
+    event): ``candidates`` are those events, by creation."""
+
+    def __init__(self, ref: str, candidates: Sequence[Event], more: bool = False) -> None:
+        self.ref, self.candidates, self.more = ref, list(candidates), more
+        self.matches = (f"more than {len(candidates)}" if more else str(len(candidates)))
+        super().__init__(f"{ref!r} matches {self.matches} events: give the API id of one")
 
 
 def public_id_for(secret: bytes, organizer: str, organizer_uid: str) -> str:
@@ -106,18 +116,36 @@ async def create_via_api(svc: Services, session: AsyncSession, *, organizer: str
                         origin="api")
 
 
-async def find(session: AsyncSession, ref: str) -> Event:
-    """An event by API id, by the UID customers see, or by the organizer's own UID."""
+AMBIGUOUS_SHOWN = 20  # candidates an Ambiguous error lists at most
+
+
+async def find(session: AsyncSession, ref: str, *, organizer: str | None = None,
+               domain: str | None = None, unique: bool = False) -> Event:
+    """An event by API id, by the UID customers see, or by the organizer's own UID.
+
+    ``organizer`` and ``domain`` narrow the search, inside the query, to that organizer's
+    or that domain's events: only (organizer, organizer's UID) is unique, co-organizers can
+    share a UID. An API id or a customer-facing UID names one event whatever else matches;
+    an organizer's UID that several events in scope share gives the first created, or
+    raises :class:`Ambiguous` with ``unique``."""
     ref = ref.strip()
     if not ref or "\x00" in ref or len(ref) > 1000:  # PostgreSQL refuses NUL in text
         raise NotFound(f"no event {ref!r}")
-    row = (await session.execute(
-        select(Event).where(or_(Event.public_id == ref.lower(), Event.uid == ref,
-                                Event.organizer_uid == ref))
-        .order_by(Event.id).limit(1))).scalar_one_or_none()
-    if row is None:
+    exact = or_(Event.public_id == ref.lower(), Event.uid == ref)
+    q = select(Event).where(or_(exact, Event.organizer_uid == ref))
+    if organizer is not None:
+        q = q.where(Event.organizer_email == normalize_email(organizer))
+    if domain is not None:
+        q = q.where(Event.organizer_domain == domain.lower().lstrip("@"))
+    rows = (await session.execute(
+        q.order_by(case((exact, 0), else_=1), Event.id).limit(AMBIGUOUS_SHOWN + 1)
+    )).scalars().all()
+    if not rows:
         raise NotFound(f"no event {ref!r}")
-    return row
+    first = rows[0]
+    if unique and len(rows) > 1 and first.public_id != ref.lower() and first.uid != ref:
+        raise Ambiguous(ref, rows[:AMBIGUOUS_SHOWN], more=len(rows) > AMBIGUOUS_SHOWN)
+    return first
 
 
 _S = TypeVar("_S", bound=Select[Any])

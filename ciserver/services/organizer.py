@@ -78,7 +78,8 @@ async def _tell(svc: Services, session: AsyncSession, msg: Incoming, to: str, su
     if not _policy(svc).sender_allowed(to):
         return
     await notify.send(svc, session, to=to, subject=subject, text=text,
-                      in_reply_to=msg.ex.message_id, calendar=calendar)
+                      in_reply_to=msg.ex.message_id, calendar=calendar,
+                      auto_submitted="auto-replied")
 
 
 async def handle(svc: Services, session: AsyncSession, msg: Incoming) -> list[Outcome]:

@@ -396,7 +396,8 @@ def event_out(svc: Services, e: Event, counts: Counts) -> EventOut:
 
 async def visible_event(session: AsyncSession, who: Principal, ref: str) -> Event:
     try:
-        event = await events.find(session, ref)
+        # Co-organizers may share a calendar UID: look in the key's own scope first.
+        event = await events.find(session, ref, organizer=who.organizer, domain=who.domain)
     except events.NotFound:
         raise ApiError(404, "not_found", f"no event {ref!r}") from None
     if not who.may_see(event.organizer_email, event.organizer_domain):
