@@ -20,8 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Table, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -39,8 +38,9 @@ _SUBS = cast(Table, Subscription.__table__)
 _OUTBOX = cast(Table, OutboxItem.__table__)
 
 
-@dataclass(frozen=True)
-class Signup:
+# NamedTuples, not frozen dataclasses: one of each per public request, and a frozen
+# dataclass's __init__ costs several times a tuple's (bench/web).
+class Signup(NamedTuple):
     refs: Sequence[str]  # API ids (or UIDs) of the events, in the order asked
     email: str  # checked by subscriptions.check_email
     name: str = ""
@@ -48,8 +48,7 @@ class Signup:
     origin: str = ""
 
 
-@dataclass(frozen=True)
-class SignedUp:
+class SignedUp(NamedTuple):
     events: list[str]  # API ids
     queued: bool  # an invite was queued for at least one event (else: all already had it)
 

@@ -17,15 +17,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from .sqlite_inbox import _value
 
 
-@dataclass(frozen=True)
-class Item:
+class Item(NamedTuple):  # a tuple: one per public request (bench/web)
     event_ids: list[int]  # the events' row ids, in the order asked
     email: str
     name: str
