@@ -109,7 +109,9 @@ class WebConfig:
     )
     metrics_allow: list[str] = _opt(
         ["127.0.0.0/8", "::1/128"], "Networks (CIDR) whose clients may read /metrics (after "
-        "trusted_proxies are resolved); others get 403. [\"0.0.0.0/0\", \"::/0\"] opens it.")
+        "trusted_proxies are resolved); others get 403. [\"0.0.0.0/0\", \"::/0\"] opens it. "
+        "Behind a reverse proxy on the same host, list it in trusted_proxies, or every "
+        "request comes from 127.0.0.1.")
     trusted_proxies: list[str] = _opt(
         [], "IPs of reverse proxies whose X-Forwarded-For is believed."
     )

@@ -609,6 +609,34 @@ async def test_public_rate_limits_per_ip_address_and_event(make_api: Factory) ->
     assert codes == [202, 202, 429]
 
 
+async def test_malformed_form_bodies_are_400_not_500(
+        setup: tuple[Services, httpx.AsyncClient]) -> None:
+    svc, client = setup
+    eid = await make_event(svc)
+    for url in (f"/api/v1/events/{eid}/invites", "/api/v1/invites"):
+        r = await client.post(url, content=b"x",
+                              headers={"Content-Type": "multipart/form-data"})  # no boundary
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "bad_request"
+        assert r.headers["access-control-allow-origin"] == "*"
+
+
+async def test_a_streamed_body_over_the_limit_is_413_on_the_public_routes(
+        make_api: Factory) -> None:
+    svc, client = await make_api(max_body_size=1000)
+    eid = await make_event(svc)
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: chunked
+        yield b'{"email": "fan@example.com", "name": "'
+        for _ in range(20):
+            yield b"x" * 100
+        yield b'"}'
+
+    r = await client.post(f"/api/v1/events/{eid}/invites", content=chunks(),
+                          headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+
 async def test_client_ip_behind_a_chain_of_trusted_proxies(make_api: Factory) -> None:
     # The ASGI test client's peer is 127.0.0.1: the outer proxy; 10.0.0.2 is an inner one.
     svc, client = await make_api(rate_limit=1, rate_limit_per_address=100,

@@ -489,7 +489,8 @@ def rate_limit(request: Request, svc: Services, address: str | None = None,
     """Public endpoints: per client IP, per recipient mailbox (requests per hour and invites
     per day) and per event ([web] rate_limit, rate_limit_per_address,
     rate_limit_invites_per_address, rate_limit_per_event); 429 when one is spent.
-    ``invites``: how many invites the request asks for (default: one per event id)."""
+    ``invites``: how many invites the request asks for (default: one per event id). A
+    request refused by the daily invite cap still counts against the hourly request limit."""
     state = request.app.state
     wait = state.ip_limiter.hit(client_ip(request, svc.config.web.trusted_proxies))
     if not wait and address:

@@ -152,6 +152,10 @@ async def _public_fast(scope: Scope, receive: Receive, send: Send) -> None:
                                for k, v in (exc.headers or {}).items())]
     except ClientDisconnect:  # gone before its body arrived: nobody to answer
         return
+    except StarletteHTTPException as exc:  # a malformed form body (400), a body over the limit
+        status = exc.status_code
+        body = json.dumps(error_body(_STATUS_CODES.get(status, "error"), str(exc.detail))
+                          ).encode()
     except Exception:  # what FastAPI's ServerErrorMiddleware would do on the normal way
         log.exception("public invite endpoint failed")
         status, body = 500, json.dumps(error_body("internal", "internal server error")).encode()
