@@ -124,6 +124,7 @@ RELOADABLE: dict[str, set[str] | None] = {  # section -> keys (None = every key)
               "max_queue_lifetime", "timeout", "claim_timeout"},
     "smtp": {"max_recipients"},
     "dkim": None,  # the signer is rebuilt from the new keys (key rotation)
+    "reports": None,  # services.schedule reads its settings on every round
 }
 
 

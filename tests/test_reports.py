@@ -853,3 +853,30 @@ async def test_cli_reports(tmp_path: Path, sink: Sink) -> None:
         assert FAN["c"] not in emails and FAN["d"] not in emails
     finally:
         await svc.close()
+
+
+async def test_schedules_follow_a_configuration_reload(tmp_path: Path, db_url: str,
+                                                      sink: Sink) -> None:
+    """schedule.run reads [reports] on every round: turning after_event on while it runs
+    (what SIGHUP's reload does to the shared config) mails the due report, no restart."""
+    cfg = make_config(tmp_path, db_url, sink)
+    svc = Services.open(cfg)
+    await db.ensure_schema(svc.engine, cfg.database_url)
+    stop = asyncio.Event()
+    try:
+        svc.clock = lambda: START + timedelta(hours=2, minutes=1)  # "Final" has ended
+        await season(svc)
+        task = asyncio.create_task(schedule.run(svc, stop, poll=0.05))
+        await asyncio.sleep(0.2)
+        assert await _outbox_reports(svc) == []  # off
+        svc.config.reports.after_event = True
+        for _ in range(100):
+            if await _outbox_reports(svc):
+                break
+            await asyncio.sleep(0.05)
+        assert len(await _outbox_reports(svc)) == 2  # "Final" and "Semi"
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    finally:
+        stop.set()
+        await svc.close()

@@ -36,17 +36,17 @@ DIGEST_RECENT = timedelta(days=1)
 
 
 async def run(svc: Services, stop: asyncio.Event, poll: float | None = None) -> None:
-    """The daemon's task: check every ``[reports] poll_interval`` seconds until ``stop``."""
-    cfg = svc.config.reports
-    if not (cfg.after_event or cfg.daily_digest):
-        await stop.wait()
-        return
-    interval = poll if poll is not None else float(cfg.poll_interval)
+    """The daemon's task: check every ``[reports] poll_interval`` seconds until ``stop``.
+    The settings are read again on every round, so a reload (SIGHUP) that turns a schedule
+    on or off, or changes its hour or interval, takes effect without a restart."""
     while not stop.is_set():
-        try:
-            await tick(svc)
-        except Exception:  # the next check tries again; the daemon goes on
-            log.exception("reports schedule: check failed")
+        cfg = svc.config.reports
+        if cfg.after_event or cfg.daily_digest:
+            try:
+                await tick(svc)
+            except Exception:  # the next check tries again; the daemon goes on
+                log.exception("reports schedule: check failed")
+        interval = poll if poll is not None else float(cfg.poll_interval)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
 
