@@ -37,12 +37,8 @@ Result = tuple[str, int]
 
 _INSERT_SUB = (
     "INSERT INTO subscriptions (event_id, email, domain, name, status, source, origin, "
-    "forwarded_by, partstat, soft_bounces, created_at, updated_at) VALUES ")
-_SUB_VALUES = "(?, ?, ?, ?, 'active', ?, ?, NULL, 'NEEDS-ACTION', 0, ?, ?)"
-# Rows per INSERT statement: one multi-row statement instead of executemany, whose every row
-# gives up and takes back the GIL -- and the loop thread holds the GIL while it serves
-# requests, so each hand-back could wait for Python's switch interval (bench/web).
-_ROWS_PER_INSERT = 100
+    "forwarded_by, partstat, soft_bounces, created_at, updated_at) "
+    "VALUES (?, ?, ?, ?, 'active', ?, ?, NULL, 'NEEDS-ACTION', 0, ?, ?)")
 _INSERT_INVITES = (
     "INSERT INTO outbox (kind, subscription_id, wanted_sequence, mail_from, rcpt_to, "
     "rcpt_domain, state, attempts, queued_at, next_attempt_at, last_response, updated_at) "
@@ -119,10 +115,7 @@ class SqliteSignupWriter:
             if rows:
                 before = conn.execute("SELECT coalesce(max(id), 0) FROM subscriptions"
                                       ).fetchone()[0]
-                for start in range(0, len(rows), _ROWS_PER_INSERT):
-                    part = rows[start:start + _ROWS_PER_INSERT]
-                    conn.execute(_INSERT_SUB + ", ".join([_SUB_VALUES] * len(part)),
-                                 [v for row in part for v in row])
+                conn.executemany(_INSERT_SUB, rows)
                 conn.execute(_INSERT_INVITES, (stamp, stamp, stamp, before))
             conn.execute("COMMIT")
         except BaseException:
