@@ -231,6 +231,10 @@ async def test_api_docs_page_gets_a_policy_that_lets_swagger_run(
     nonce = csp.split("'nonce-")[1].split("'")[0]
     assert f'<script nonce="{nonce}">' in r.text and "<script>" not in r.text
     assert "https://cdn.jsdelivr.net" in csp and "frame-ancestors 'none'" in csp
+    # the CDN's files are pinned and checked by the browser (Subresource Integrity)
+    for name in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        tag = next(line for line in r.text.splitlines() if name in line)
+        assert "@5.35.0/" in tag and 'integrity="sha384-' in tag and "crossorigin" in tag
     # every other HTML page keeps the strict policy: no CDN
     r = await client.get("/console/login")
     assert "cdn.jsdelivr.net" not in r.headers["content-security-policy"]

@@ -31,6 +31,14 @@ from .ratelimit import RateLimiter
 log = logging.getLogger(__name__)
 
 SWAGGER_CDN = "https://cdn.jsdelivr.net"
+# Swagger UI for /api/docs, pinned, with Subresource Integrity: the page shares its origin
+# with the console, so a changed file on the CDN must not run. The hashes are sha384 of the
+# files in the npm package swagger-ui-dist 5.35.0 (what jsDelivr serves).
+_SWAGGER = f"{SWAGGER_CDN}/npm/swagger-ui-dist@5.35.0"
+_SWAGGER_JS = (f"{_SWAGGER}/swagger-ui-bundle.js",
+               "sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9")
+_SWAGGER_CSS = (f"{_SWAGGER}/swagger-ui.css",
+                "sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I")
 
 
 def _allowed(ip: str, networks: list[str]) -> bool:
@@ -226,8 +234,13 @@ def create_app(svc: Services) -> FastAPI:
         # one inline script, so this page gets a policy of its own (our pages allow neither).
         nonce = secrets.token_urlsafe(18)
         page = get_swagger_ui_html(openapi_url="/openapi.json", title="ciserver API",
+                                   swagger_js_url=_SWAGGER_JS[0],
+                                   swagger_css_url=_SWAGGER_CSS[0],
                                    swagger_ui_parameters={"tryItOutEnabled": False})
         html = bytes(page.body).decode().replace("<script>", f'<script nonce="{nonce}">')
+        for url, digest in (_SWAGGER_JS, _SWAGGER_CSS):
+            html = html.replace(f'"{url}"',
+                                f'"{url}" integrity="{digest}" crossorigin="anonymous"')
         return HTMLResponse(html, headers={"Content-Security-Policy": (
             f"default-src 'none'; script-src 'nonce-{nonce}' {SWAGGER_CDN}; "
             f"style-src {SWAGGER_CDN}; img-src 'self' data: https://fastapi.tiangolo.com; "
