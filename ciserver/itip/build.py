@@ -24,7 +24,8 @@ from icalendar.parser import Parameters
 
 from . import content as content_mod
 
-_CONTROL_RUN = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+# Lone surrogates too: not text (a JSON "\ud800" decodes to one) and no UTF-8 for them.
+_CONTROL_RUN = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
 
 
 def header_safe(text: str, limit: int = 200) -> str:

@@ -16,7 +16,10 @@ from . import outbox
 from .context import Services
 
 # A pragmatic address check: one @, a dotted domain, no spaces or control characters.
-_EMAIL_RE = re.compile(r"^[^@\s<>()\[\],;:\"\\]{1,64}@[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?"
+# The local part: no controls (they would reach SMTP commands and headers) and no lone
+# surrogates (not text: a JSON body's "\ud800" decodes to one, and UTF-8 cannot carry it).
+_EMAIL_RE = re.compile(r"^[^@\s<>()\[\],;:\"\\\x00-\x1f\x7f-\x9f\ud800-\udfff]{1,64}"
+                       r"@[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?"
                        r"(?:\.[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?)+$")
 
 
