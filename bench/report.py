@@ -132,7 +132,7 @@ def generate(path: Path, n_events: int, per_event: int, small_events: int) -> in
 
 
 def _safe(col: str) -> str:
-    firsts = ", ".join(f"'{c}'" for c in ("=", "+", "-", "@", "|", "%"))
+    firsts = ", ".join(f"'{c}'" for c in ("=", "+", "-", "@", "|", "%", "＝", "＋", "－", "＠"))
     return (f"CASE WHEN substr({col}, 1, 1) IN ({firsts}, char(9), char(13), char(10)) "
             f"THEN '''' || {col} ELSE {col} END")
 

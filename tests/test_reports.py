@@ -242,7 +242,8 @@ async def test_sqlite_fast_path_matches_the_generic_one(sqlite_svc: Services,
     s = await season(svc)
     odd = await make_event(svc, summary='He said "go",\nthen\r-left', start=START)
     tricky = ['Last, First', 'A "quoted" name', "two\nlines", "cr\rhere", "=1+1", "-3,4",
-              "@home, \"x\"", "Zoë ñ 東京", "", "'already", "\ttab", "|pipe", "%pct"]
+              "@home, \"x\"", "Zoë ñ 東京", "", "'already", "\ttab", "|pipe", "%pct",
+              "＝HYPERLINK(1)", "＋1", "－1", "＠SUM(1)"]
     for i, name in enumerate(tricky):
         sub_id = await add(svc, odd, f"t{i:02d}@example.com", origin=f"o{i}, {name}",
                            partstat=("ACCEPTED", "DECLINED", "DELEGATED", "X-ODD,ONE", "")[i % 5])
@@ -267,7 +268,7 @@ async def test_sqlite_fast_path_matches_the_generic_one(sqlite_svc: Services,
     assert [by[f"t{i:02d}@example.com"]["name"] for i in range(len(tricky))] == [
         "Last, First", 'A "quoted" name', "two\nlines", "cr\rhere",
         "'=1+1", "'-3,4", "'@home, \"x\"", "Zoë ñ 東京", "", "'already", "'\ttab", "'|pipe",
-        "'%pct"]
+        "'%pct", "'＝HYPERLINK(1)", "'＋1", "'－1", "'＠SUM(1)"]
     assert by["t03@example.com"]["partstat"] == "X-ODD,ONE" and by["t03@example.com"][
         "rsvp"] == ""
     assert by["t02@example.com"]["responded_at"] != ""  # DELEGATED: an answer, no letter

@@ -122,7 +122,9 @@ def iso(value: datetime | str | None) -> str:
 
 
 _RSVP = {"ACCEPTED": "Y", "DECLINED": "N", "TENTATIVE": "M"}
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "|", "%")
+# With the fullwidth forms of the first four: spreadsheets with East Asian input settings
+# read "＝1+1" as a formula too.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "|", "%", "＝", "＋", "－", "＠")
 _FORMULA_FIRST = frozenset(_FORMULA_START)
 
 

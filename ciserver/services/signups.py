@@ -7,7 +7,8 @@ requests that arrive while a batch is on its way to the disk gather into the nex
 resolves their events, finds the addresses already subscribed, and inserts the new
 subscriptions and their invites with a handful of statements whatever the batch size: by
 hand with the sqlite3 module in a thread on SQLite (store/sqlite_signups.py: one statement
-when every address is new), through SQLAlchemy on PostgreSQL. Each caller still waits until *its* sign-up is committed.
+when every address is new), through SQLAlchemy on PostgreSQL. Each caller still waits until
+*its* sign-up is committed.
 
 The outcome of every request is what :func:`subscriptions.invite` would give it alone:
 addresses already subscribed (or stopped, which asking again re-activates) take that path;
