@@ -26,7 +26,7 @@ from ciserver.itip import content as content_mod
 from ciserver.services import apikeys, events, subscriptions
 from ciserver.services.context import Services
 from ciserver.store import db
-from ciserver.store.models import ApiKey, Subscription
+from ciserver.store.models import ApiKey, OutboxItem, Subscription
 from ciserver.web import api
 from ciserver.web.app import create_app
 
@@ -798,3 +798,24 @@ async def test_co_organizers_sharing_a_calendar_uid_each_see_their_own_event(
         assert r.status_code == 200
         other = next(v for k, v in ids.items() if k != owner)
         assert (await client.get(f"/api/v1/events/{other}", headers=auth)).status_code == 404
+
+
+async def test_an_event_named_twice_is_one_sign_up(make_api: Factory) -> None:
+    """"abc" and "ABC" (or an id and its UID) name one event: one subscription, one invite,
+    one hit on the event's rate limit, the event once in the answer."""
+    svc, client = await make_api(rate_limit=100, rate_limit_per_address=100,
+                                 rate_limit_per_event=2)
+    a = await make_event(svc)
+    async with svc.sessions() as session:
+        uid = (await events.find(session, a)).uid
+    r = await client.post("/api/v1/invites", json={"email": "fan@example.com",
+                                                   "events": [a, a.upper(), uid]})
+    assert r.status_code == 202 and r.json() == {"status": "queued", "events": [a]}, r.text
+    async with svc.sessions() as session:
+        subs = (await session.execute(select(Subscription))).scalars().all()
+        invites = (await session.execute(select(OutboxItem))).scalars().all()
+    assert [s.email for s in subs] == ["fan@example.com"] and len(invites) == 1
+    codes = [(await client.post(f"/api/v1/events/{a}/invites",
+                                json={"email": f"f{i}@example.com"})).status_code
+             for i in range(2)]
+    assert codes == [202, 429]  # the first request counted once

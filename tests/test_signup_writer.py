@@ -4,18 +4,23 @@ the ORM exactly as the ORM path writes them."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy import select
 
 from ciserver.services import events, subscriptions
 from ciserver.services.context import Services
+from ciserver.store import db
 from ciserver.store.models import Event, OutboxItem, Subscription
 from ciserver.store.sqlite_signups import Item, SqliteSignupWriter
 from ciserver.web.app import create_app
 
-from .conftest import ORGANIZER
+from .conftest import ORGANIZER, Sink, make_config
 
 START = datetime(2027, 3, 4, 0, 30, tzinfo=UTC)
 NOW = datetime(2026, 11, 24, 12, 0, 0, 123456, tzinfo=UTC)
@@ -83,18 +88,23 @@ async def test_a_refused_batch_is_sorted_out_with_nothing_half_written(
              Item([b.id, closed.id], "half@example.com", "", "page", ""),
              Item([a.id, 999_999], "gone@example.com", "", "page", ""),
              Item([a.id, b.id], "new2@example.com", "", "page", ""),
-             Item([b.id], "new2@example.com", "", "page", "")]  # twice in one batch
+             Item([b.id], "new2@example.com", "", "page", ""),  # twice in one batch
+             Item([b.id, b.id], "new3@example.com", "", "page", ""),  # an event twice
+             # what SQLite's JSON would not keep (the callers' checks refuse it): left alone
+             Item([b.id], "nul@example.com", "a\x00b", "page", ""),
+             Item([b.id], "sur@example.com", "a\ud800", "page", "")]
     assert await writer(svc).write(items, NOW) == [
         ("ok", 1), ("again", 0), ("closed", closed.id), ("missing", 999_999), ("ok", 1),
-        ("again", 0)]
+        ("again", 0), ("ok", 1), ("again", 0), ("again", 0)]
     got = [(s.event_id, s.email) for s, _ in await rows(svc)]
     assert got == [(a.id, "known@example.com"), (a.id, "new1@example.com"),
-                   (a.id, "new2@example.com"), (b.id, "new2@example.com")]
+                   (a.id, "new2@example.com"), (b.id, "new2@example.com"),
+                   (b.id, "new3@example.com")]
     # one invite each, the one queued by the ORM path before included: the writer's trigger
     # queues for its own inserts only
     assert all(invite is not None for _, invite in await rows(svc))
     async with svc.sessions() as session:
-        assert len((await session.execute(select(OutboxItem))).all()) == 4
+        assert len((await session.execute(select(OutboxItem))).all()) == 5
 
     # the ORM path, on its own connection, after the writer's: still one invite each
     async with svc.sessions.begin() as session:
@@ -102,7 +112,7 @@ async def test_a_refused_batch_is_sorted_out_with_nothing_half_written(
                                    "orm@example.com")
     async with svc.sessions() as session:
         outbox = (await session.execute(select(OutboxItem))).scalars().all()
-    assert len(outbox) == 5 and len({o.subscription_id for o in outbox}) == 5
+    assert len(outbox) == 6 and len({o.subscription_id for o in outbox}) == 6
 
 
 async def test_public_endpoint_refuses_control_characters_and_lone_surrogates(
@@ -145,3 +155,37 @@ def test_the_checks_themselves_refuse_what_json_can_carry() -> None:
             continue
         raise AssertionError(f"{bad!r} was accepted")
     assert subscriptions.check_email("Zoë@Example.com") == "zoë@example.com"
+
+
+async def test_a_failed_batch_is_done_one_by_one_keeping_its_refusals(
+        tmp_path: Path, sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer fails (say the database stays locked past busy_timeout): the batch's
+    requests are done one by one through the ORM; a request the per-event limit refused
+    stays refused, and the others' hits on that limit are not counted twice."""
+    cfg = make_config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'ciserver.db'}", sink,
+                      web={"rate_limit": 100, "rate_limit_per_address": 100,
+                           "rate_limit_per_event": 3})
+    svc = Services.open(cfg)
+    await db.ensure_schema(svc.engine, cfg.database_url)
+    failed: list[int] = []
+
+    async def locked(self: SqliteSignupWriter, items: list[Item], now: datetime) -> None:
+        failed.append(len(items))
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(SqliteSignupWriter, "write", locked)
+    try:
+        event = await make_event(svc, "A")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)),
+                                     base_url="http://test") as client:
+            url = f"/api/v1/events/{event.public_id}/invites"
+            got = await asyncio.gather(*(client.post(url, json={"email": f"f{i}@example.com"})
+                                         for i in range(4)))
+            assert sorted(r.status_code for r in got) == [202, 202, 202, 429]
+            assert failed and sum(failed) == 3  # the refused one never reached the writer
+            r = await client.post(url, json={"email": "late@example.com"})
+            assert r.status_code == 429  # three counted, not six: the limit is 3
+        got_rows = await rows(svc)
+        assert len(got_rows) == 3 and all(invite is not None for _, invite in got_rows)
+    finally:
+        await svc.close()

@@ -78,7 +78,8 @@ class SignupBatcher:
         self.task: asyncio.Task[None] | None = None
         url = svc.engine.url
         self.sqlite = (SqliteSignupWriter(url.database) if svc.dialect == "sqlite"
-                       and url.database and url.database != ":memory:" else None)
+                       and url.database and url.database != ":memory:"
+                       and sqlite_signups.available() else None)
         # ref -> (row id, API id): what a reference names never changes (events are cancelled,
         # not deleted); whether the event is still open is read in each batch's transaction.
         self.refs: dict[str, tuple[int, str]] = {}
@@ -129,7 +130,7 @@ class SignupBatcher:
         the per-event limits are counted already)."""
         try:
             async with self.svc.sessions.begin() as session:
-                targets = [await events.find(session, ref) for ref in signup.refs]
+                targets = _unique([await events.find(session, ref) for ref in signup.refs])
                 problem = self._check(signup, targets, limited)
                 if problem is not None:
                     return problem
@@ -154,28 +155,41 @@ class SignupBatcher:
                         self.refs.clear()
         outcomes: list[Outcome | None] = [None] * len(batch)
         items: list[sqlite_signups.Item] = []
-        planned: list[int] = []
+        planned: list[tuple[int, list[str]]] = []
         for i, signup in enumerate(batch):
             unknown = next((r for r in signup.refs if r not in self.refs), None)
             if unknown is not None:
                 outcomes[i] = events.NotFound(f"no event {unknown!r}")
                 continue
+            # (row id, API id) of each event; one named twice ("abc" and "ABC", an id and its
+            # UID) is one sign-up
+            named = list(dict.fromkeys(self.refs[r] for r in signup.refs))
             if self.event_limit is not None:
-                wait = self.event_limit([self.refs[r][1] for r in signup.refs])
+                wait = self.event_limit([public_id for _, public_id in named])
                 if wait:
                     outcomes[i] = Limited(wait)
                     continue
             items.append(sqlite_signups.Item(
-                [self.refs[r][0] for r in signup.refs], signup.email,
-                header_safe(signup.name or "", 200), signup.source, signup.origin[:200]))
-            planned.append(i)
+                [row_id for row_id, _ in named], signup.email,
+                header_safe(signup.name or "", 200), signup.source,
+                header_safe(signup.origin, 200)))
+            planned.append((i, [public_id for _, public_id in named]))
         if items:
             public = dict(self.refs.values())
-            results = await self.sqlite.write(items, self.svc.now())
-            for i, (kind, row_id) in zip(planned, results, strict=True):
+            try:
+                results = await self.sqlite.write(items, self.svc.now())
+            except Exception:
+                # The requests refused above keep their answers; the planned ones are done
+                # one by one, their per-event limits counted already.
+                log.warning("a batch of %d sign-ups failed; retrying them one by one",
+                            len(items), exc_info=True)
+                for i, _ in planned:
+                    outcomes[i] = await self._one(batch[i], limited=True)
+                return _complete(outcomes)
+            for (i, public_ids), (kind, row_id) in zip(planned, results, strict=True):
                 signup = batch[i]
                 if kind == "ok":
-                    outcomes[i] = SignedUp([self.refs[r][1] for r in signup.refs], True)
+                    outcomes[i] = SignedUp(public_ids, True)
                 elif kind == "closed":
                     outcomes[i] = subscriptions.EventClosed(
                         f"event {public.get(row_id, row_id)} is cancelled")
@@ -213,7 +227,7 @@ class SignupBatcher:
                 if missing is not None:
                     outcomes[i] = events.NotFound(f"no event {missing!r}")
                     continue
-                targets = [found[r] for r in signup.refs]
+                targets = _unique([found[r] for r in signup.refs])
                 problem = self._check(signup, targets)
                 if problem is not None:
                     outcomes[i] = problem
@@ -268,6 +282,11 @@ class SignupBatcher:
                      "mail_from": "", "last_response": ""}
                     for sub_id, row, event in zip(ids, new_rows, new_events, strict=True)])
         return _complete(outcomes)
+
+
+def _unique(targets: list[Event]) -> list[Event]:
+    """Each event once, in the order first named."""
+    return list({event.id: event for event in targets}.values())
 
 
 def _complete(outcomes: list[Outcome | None]) -> list[Outcome]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import threading
 from datetime import datetime
@@ -65,13 +66,15 @@ _INSERT_SUB = (
     "json_extract(value, '$[2]'), json_extract(value, '$[3]'), 'active', "
     "json_extract(value, '$[4]'), json_extract(value, '$[5]'), NULL, 'NEEDS-ACTION', 0, ?, ? "
     "FROM json_each(?) ORDER BY key")
-# TEMP: a trigger of this connection only; the ORM path queues its invites itself.
+# TEMP: a trigger of this connection only; the ORM path queues its invites itself. (SQLite
+# allows no schema name on the INSERT of a trigger; this private connection makes no temp
+# table that could shadow outbox.)
 _QUEUE_INVITES = (
     "CREATE TEMP TRIGGER IF NOT EXISTS signup_invite AFTER INSERT ON main.subscriptions "
     "BEGIN INSERT INTO outbox (kind, subscription_id, wanted_sequence, mail_from, rcpt_to, "
     "rcpt_domain, state, attempts, queued_at, next_attempt_at, last_response, updated_at) "
     "SELECT 'invite', NEW.id, e.sequence, '', NEW.email, NEW.domain, 'pending', 0, "
-    "NEW.created_at, NEW.created_at, '', NEW.created_at FROM events e "
+    "NEW.created_at, NEW.created_at, '', NEW.created_at FROM main.events e "
     "WHERE e.id = NEW.event_id; END")
 # CROSS JOIN: the addresses outside, then the (event_id, email) index; a plain JOIN let the
 # planner scan the event's every subscription instead.
@@ -79,6 +82,20 @@ _KNOWN = (
     "SELECT s.event_id, s.email FROM json_each(?) j CROSS JOIN subscriptions s "
     "ON s.email = j.value AND s.event_id = ?")
 _OK: Result = ("ok", 1)
+# What SQLite's JSON functions do not give back as sent: a NUL (the text ends there) and
+# surrogate code points (no UTF-8 for them). The callers' checks (check_email, header_safe)
+# keep both out; an item carrying one anyway is left to the ORM path, which refuses it.
+_NOT_JSON_SAFE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def available() -> bool:
+    """Whether this SQLite has the JSON functions the writer uses (built in since 3.38, and
+    in most builds before): without them sign-ups take the ORM path."""
+    try:
+        sqlite3.connect(":memory:").execute("SELECT value FROM json_each('[1]')").close()
+    except sqlite3.Error:
+        return False
+    return True
 
 
 def _marks(n: int) -> str:
@@ -118,8 +135,11 @@ class SqliteSignupWriter:
         stamp = _value(now)
         rows = [(event_id, item.email, item.email.rpartition("@")[2], item.name, item.source,
                  item.origin) for item in items for event_id in item.event_ids]
+        text = json.dumps(rows, ensure_ascii=False)
+        if _NOT_JSON_SAFE.search(text):
+            return self._careful(conn, items, stamp)
         try:
-            conn.execute(_INSERT_NEW, (stamp, stamp, json.dumps(rows)))
+            conn.execute(_INSERT_NEW, (stamp, stamp, text))
             return [_OK] * len(items)
         except sqlite3.IntegrityError:
             return self._careful(conn, items, stamp)
@@ -132,7 +152,8 @@ class SqliteSignupWriter:
             open_events = {row[0]: row[1] for row in conn.execute(
                 f"SELECT id, status FROM events WHERE id IN ({_marks(len(event_ids))})",
                 event_ids)}
-            emails = json.dumps(sorted({item.email for item in items}))
+            emails = json.dumps(sorted({item.email for item in items
+                                        if not _NOT_JSON_SAFE.search(item.email)}))
             known: set[tuple[int, str]] = set()
             for event_id in event_ids:  # one statement per event, most batches have one
                 known.update(conn.execute(_KNOWN, (emails, event_id)))
@@ -146,16 +167,18 @@ class SqliteSignupWriter:
                     results.append(("missing", gone))
                 elif closed is not None:
                     results.append(("closed", closed))
-                elif any((i, item.email) in known for i in item.event_ids):
+                elif (any((i, item.email) in known for i in item.event_ids)
+                      or _NOT_JSON_SAFE.search(item.email + item.name + item.source
+                                                + item.origin)):
                     results.append(("again", 0))
                 else:
-                    for event_id in item.event_ids:
+                    for event_id in dict.fromkeys(item.event_ids):
                         known.add((event_id, item.email))  # a repeat in this batch: again
                         rows.append((event_id, item.email, item.email.rpartition("@")[2],
                                      item.name, item.source, item.origin))
                     results.append(_OK)
             if rows:
-                conn.execute(_INSERT_SUB, (stamp, stamp, json.dumps(rows)))
+                conn.execute(_INSERT_SUB, (stamp, stamp, json.dumps(rows, ensure_ascii=False)))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
