@@ -876,3 +876,24 @@ async def test_direct_mx_delivery(sqlite_open_svc: OpenSvc) -> None:
             item = await item_of(svc, sub)
             assert item.state == "failed"
             assert item.last_response.startswith("550 5.1.2")
+
+
+async def test_a_message_that_cannot_be_built_fails_alone(open_svc: OpenSvc) -> None:
+    """An address stored before check_email refused it (a local part beyond ASCII: no
+    SMTPUTF8 on our side) cannot be put in a header. Its item fails with the reason; the
+    batch's other invites go out, at once, not after endless retries."""
+    with smarthost() as server:
+        svc = await open_svc(server, tls="none")
+        _, subs = await new_event(svc, "one@example.com", "two@example.org",
+                                  "three@example.net")
+        async with svc.sessions.begin() as session:  # as stored by an older version
+            sub = await session.get(Subscription, subs[1])
+            assert sub is not None
+            sub.email = "jörg@example.org"
+        assert await drain(svc) == 2  # the ones built
+        assert sorted(m.rcpt_tos[0] for m in server.wait(2)) == [
+            "one@example.com", "three@example.net"]
+        broken = await item_of(svc, subs[1])
+        assert broken.state == "failed" and broken.claimed_until is None
+        assert broken.last_response.startswith("the message could not be built")
+        assert await drain(svc) == 0  # nothing left to retry

@@ -11,6 +11,7 @@ PostgreSQL (ignored by SQLite, which has one writer), and a claim that outlives 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,8 @@ from ..addresses import Kind, domain_of
 from ..itip import build
 from ..store.models import Event, OutboxItem, Subscription, UTCDateTime
 from .context import Services
+
+log = logging.getLogger(__name__)
 
 CLAIM_TIMEOUT = timedelta(minutes=10)  # the default of [relay] claim_timeout
 
@@ -352,6 +355,7 @@ async def prepare_batch(svc: Services, claimed: list[Claimed],
     book = svc.book
     out: list[Delivery] = []
     gone: list[int] = []
+    broken: list[tuple[int, str]] = []
     for c in claimed:
         if c.kind == "message":
             out.append(Delivery(c.id, c.mail_from, c.rcpt_to, c.raw or b"", None))
@@ -362,13 +366,20 @@ async def prepare_batch(svc: Services, claimed: list[Claimed],
             gone.append(c.id)
             continue
         token = book.token(sub.id)  # one HMAC for the three addresses
-        raw = templates.get(svc, event).render(
-            build.OutboundRecipient(
-                email=sub.email, name=sub.name, partstat=sub.partstat,
-                rsvp_address=f"rsvp+{token}@{book.domain}",
-                unsubscribe_address=f"unsubscribe+{token}@{book.domain}",
-                unsubscribe_url=svc.unsubscribe_url(token)),
-            now=now, message_id=new_message_id(svc))
+        try:
+            raw = templates.get(svc, event).render(
+                build.OutboundRecipient(
+                    email=sub.email, name=sub.name, partstat=sub.partstat,
+                    rsvp_address=f"rsvp+{token}@{book.domain}",
+                    unsubscribe_address=f"unsubscribe+{token}@{book.domain}",
+                    unsubscribe_url=svc.unsubscribe_url(token)),
+                now=now, message_id=new_message_id(svc))
+        except Exception as exc:
+            # One item that cannot be built (an address stored before it would have been
+            # refused, say) fails alone; the batch's other mail goes out.
+            log.warning("outbox item %d: the message could not be built", c.id, exc_info=True)
+            broken.append((c.id, f"the message could not be built: {exc}"[:500]))
+            continue
         out.append(Delivery(c.id, f"bounce+{token}@{book.domain}", sub.email, raw,
                             event.sequence, sub.id))
     if gone:
@@ -377,6 +388,13 @@ async def prepare_batch(svc: Services, claimed: list[Claimed],
                 update(_OUTBOX).where(_OUTBOX.c.id.in_(gone))
                 .values(state="cancelled", updated_at=now, claimed_until=None,
                         last_response="subscription is no longer active"))
+    if broken:
+        async with svc.engine.begin() as conn:
+            for item_id, reason in broken:
+                await conn.execute(
+                    update(_OUTBOX).where(_OUTBOX.c.id == item_id)
+                    .values(state="failed", updated_at=now, claimed_until=None,
+                            last_response=reason))
     if svc.signer is not None and out:
         # RSA signing is the costliest step of a signed fan-out; `cryptography` releases
         # the GIL while it signs, so a thread lets the loop keep sending meanwhile.

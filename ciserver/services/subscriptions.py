@@ -32,9 +32,22 @@ class EventClosed(ValueError):
 
 
 def check_email(value: str) -> str:
+    """The address as we keep it (lower case; an international domain name in its ASCII
+    form, "xn--…"), or InvalidAddress. Characters beyond ASCII before the @ are refused:
+    our invites go out without SMTPUTF8, which few relays offer, so such an address could
+    never get its invite."""
     email = normalize_email(value or "")
+    local, at, domain = email.rpartition("@")
+    if at and domain and not domain.isascii():
+        try:
+            email = f"{local}@{domain.encode('idna').decode('ascii')}"
+        except UnicodeError:
+            raise InvalidAddress(f"{value!r} is not a valid email address") from None
     if len(email) > 254 or not _EMAIL_RE.match(email):
         raise InvalidAddress(f"{value!r} is not a valid email address")
+    if not local.isascii():
+        raise InvalidAddress(f"{value!r}: addresses with characters beyond ASCII before the @ "
+                             "are not supported")
     return email
 
 
