@@ -638,6 +638,24 @@ async def test_no_redirects(sqlite_svc: Services, client: httpx.AsyncClient) -> 
     for r in responses:
         assert r.status_code < 300 and "location" not in r.headers
         assert "evil.example" not in r.text
+    # a trailing slash: no redirect built from the Host header (Starlette's default)
+    for path in ("/console/", f"/p/{slug}/", "/healthz/"):
+        r = await client.get(path, headers={"Host": "evil.example"})
+        assert r.status_code == 404 and "location" not in r.headers, path
+
+
+async def test_head_is_get_without_the_body(sqlite_svc: Services,
+                                            client: httpx.AsyncClient) -> None:
+    (eid,) = await season(sqlite_svc, 1)
+    slug = await make_page(sqlite_svc, "hd")
+    for path in ("/healthz", f"/p/{slug}", f"/e/{eid}", "/embed.js", "/openapi.json"):
+        got, head = await client.get(path), await client.head(path)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"" and got.content, path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        assert "content-security-policy" in head.headers or "text/html" not in got.headers[
+            "content-type"], path
+    assert (await client.head("/nowhere")).status_code == 404
 
 
 async def test_console_preview_renders_inactive(sqlite_svc: Services, app: FastAPI) -> None:

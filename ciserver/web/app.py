@@ -143,7 +143,23 @@ class CiApp(FastAPI):
             scope["path_params"] = {"event_id": m["event_id"]} if m["event_id"] else {}
             await self.fast(scope, receive, send)
             return
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            # HEAD is GET without the body (RFC 9110 9.3.2): uptime monitors and link
+            # checkers use it. FastAPI's GET routes would answer 405.
+            await super().__call__({**scope, "method": "GET"}, receive, _headers_only(send))
+            return
         await super().__call__(scope, receive, send)
+
+
+def _headers_only(send: Send) -> Send:
+    async def without_body(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            if message.get("more_body", False):
+                return
+            message = {"type": "http.response.body", "body": b""}
+        await send(message)
+
+    return without_body
 
 
 _FAST_HEADERS = [(b"content-type", b"application/json"), _CORS_ORIGIN,
@@ -173,9 +189,12 @@ async def _public_fast(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 def create_app(svc: Services) -> FastAPI:
+    # redirect_slashes off: Starlette's redirect to the path without its trailing slash builds
+    # an absolute URL from the request's Host header and scheme (an open redirect, and http://
+    # behind a TLS proxy); such paths get a plain 404 instead.
     app = CiApp(title="ciserver", version="0.1.0",
-                  description="Calendar invite server: real invites, counted answers.",
-                  docs_url=None, redoc_url=None)
+                description="Calendar invite server: real invites, counted answers.",
+                docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.svc = svc
     app.state.ip_limiter = RateLimiter(svc.config.web.rate_limit, 60.0)
     app.state.address_limiter = RateLimiter(svc.config.web.rate_limit_per_address, 3600.0)
