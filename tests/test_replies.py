@@ -627,3 +627,42 @@ async def test_forged_tokens_are_refused_at_rcpt(sqlite_pipeline: Pipeline) -> N
         assert "5.1.1" in refused.value.text
     assert len(await p.rows(models.InboxMessage)) == inbox_before  # nothing was accepted
     assert (await p.subscription(game.id, FAN_ONE)).partstat == "NEEDS-ACTION"
+
+
+async def test_a_reply_answers_for_one_person_only(sqlite_pipeline: Pipeline,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """RFC 5546: one ATTENDEE per REPLY. A REPLY to a subscriber's address listing thirty
+    strangers records one answer and subscribes nobody else; and one subscriber's forwarded
+    invite signs up at most attendee.MAX_FORWARDS people."""
+    from ciserver.services import attendee
+
+    p = sqlite_pipeline
+    game = await game_night(p, FAN_ONE)
+    strangers = [f"victim{i}@example.org" for i in range(30)]
+    ical = itip("REPLY", game, FAN_ONE, partstat="ACCEPTED", attendee=strangers[0])
+    extra = "".join(f"ATTENDEE;PARTSTAT=ACCEPTED:mailto:{s}\r\n" for s in strangers[1:])
+    ical = ical.replace("SUMMARY:Game night", extra + "SUMMARY:Game night")
+    row = await send_itip(p, game, FAN_ONE, ical)
+    assert row.status == "done" and "only the answer of victim0@example.org" in row.result
+    people = await p.attendees(game.id)
+    assert sorted(people) == [FAN_ONE, "victim0@example.org"]
+
+    # the subscriber among many: their own answer, nobody else's
+    ical = itip("REPLY", game, FAN_ONE, partstat="DECLINED", attendee=strangers[5],
+                sequence=0, dtstamp=datetime(2026, 2, 21, tzinfo=UTC))
+    ical = ical.replace("SUMMARY:Game night",
+                        f"ATTENDEE;PARTSTAT=DECLINED:mailto:{FAN_ONE}\r\nSUMMARY:Game night")
+    row = await send_itip(p, game, FAN_ONE, ical)
+    assert row.status == "done", row.result
+    people = await p.attendees(game.id)
+    assert sorted(people) == [FAN_ONE, "victim0@example.org"]
+    assert people[FAN_ONE]["rsvp"] == "N"
+
+    # forwards, one message each: at most MAX_FORWARDS people per subscriber
+    monkeypatch.setattr(attendee, "MAX_FORWARDS", 3)
+    for friend in ("f1@example.net", "f2@example.net", "f3@example.net"):
+        row = await send_itip(p, game, FAN_ONE, itip("REPLY", game, FAN_ONE,
+                                                     partstat="TENTATIVE", attendee=friend))
+    assert row.status == "ignored" and "signed up 3 people already" in row.result
+    assert sorted(await p.attendees(game.id)) == [
+        "f1@example.net", "f2@example.net", FAN_ONE, "victim0@example.org"]

@@ -7,7 +7,7 @@ import logging
 from datetime import UTC, datetime, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .. import metrics
@@ -122,35 +122,65 @@ async def _rsvp(svc: Services, session: AsyncSession, msg: Incoming, sub: Subscr
     return outcomes
 
 
+# How many people one subscriber's forwarded invite may sign up: a forward to family or
+# colleagues is normal, a token used to subscribe a mailing list is not.
+MAX_FORWARDS = 25
+
+
 async def _reply(svc: Services, session: AsyncSession, msg: Incoming, sub: Subscription,
                  event: Event, obj: ItipObject) -> list[Outcome]:
     outcomes = []
+    # RFC 5546 3.2.3: a REPLY carries exactly one ATTENDEE, the one answering. One message
+    # records one person's answer (the subscriber's if named, else the first one's): a
+    # REPLY listing thirty strangers must not subscribe them all.
+    answering = ""
     for comp in obj.components:
         if not comp.attendees:
             outcomes.append(ignored("REPLY without ATTENDEE: nobody to record the answer for"))
             continue
-        for att in comp.attendees:
-            if not att.partstat:
+        with_status = [a for a in comp.attendees if a.partstat]
+        if not with_status:
+            continue
+        att = next((a for a in with_status if a.email == (answering or sub.email)), None)
+        if att is None and not answering:
+            att = with_status[0]
+        if att is None:
+            outcomes.append(ignored(f"REPLY component for {with_status[0].email!r}: this "
+                                    f"message answers for {answering!r} only"))
+            continue
+        answering = att.email
+        if len(comp.attendees) > 1:
+            outcomes.append(ignored(f"REPLY names {len(comp.attendees)} attendees; only the "
+                                    f"answer of {att.email} is recorded (one per REPLY)"))
+        target = sub
+        if att.email != sub.email:
+            if att.email.rpartition("@")[2] == svc.book.domain:
+                outcomes.append(ignored(f"ATTENDEE {att.email} is one of our own "
+                                        "addresses, not a person"))
                 continue
-            target = sub
-            if att.email != sub.email:
-                if att.email.rpartition("@")[2] == svc.book.domain:
-                    outcomes.append(ignored(f"ATTENDEE {att.email} is one of our own "
-                                            "addresses, not a person"))
-                    continue
-                # Someone the invite was forwarded to: a subscription of their own.
-                try:
-                    res = await subscriptions.invite(svc, session, event, att.email, att.name,
-                                                     source="forwarded", forwarded_by=sub.id,
+            forwards = (await session.execute(select(func.count(Subscription.id)).where(
+                Subscription.forwarded_by == sub.id))).scalar_one()
+            known = (await session.execute(select(Subscription.id).where(
+                Subscription.event_id == event.id, Subscription.email == att.email))
+            ).scalar_one_or_none()
+            if known is None and forwards >= MAX_FORWARDS:
+                outcomes.append(ignored(f"forwarded-invite answer from {att.email!r} not "
+                                        f"recorded: {sub.email}'s invite has signed up "
+                                        f"{forwards} people already"))
+                continue
+            # Someone the invite was forwarded to: a subscription of their own.
+            try:
+                res = await subscriptions.invite(svc, session, event, att.email, att.name,
+                                                 source="forwarded", forwarded_by=sub.id,
                                                  origin=f"forwarded by {sub.email}",
-                                                     send=False)
-                except (subscriptions.InvalidAddress, subscriptions.EventClosed) as exc:
-                    outcomes.append(ignored(f"forwarded-invite answer from {att.email!r} "
-                                            f"not recorded: {exc}"))
-                    continue
-                target = res.subscription
-            outcomes.append(await _apply_answer(svc, session, msg, target, event, comp,
-                                                att.partstat, att.comment or comp.comment))
+                                                 send=False)
+            except (subscriptions.InvalidAddress, subscriptions.EventClosed) as exc:
+                outcomes.append(ignored(f"forwarded-invite answer from {att.email!r} "
+                                        f"not recorded: {exc}"))
+                continue
+            target = res.subscription
+        outcomes.append(await _apply_answer(svc, session, msg, target, event, comp,
+                                            att.partstat, att.comment or comp.comment))
     return outcomes or [ignored("REPLY without a participation status")]
 
 
