@@ -654,7 +654,7 @@ _COUNT_HEADERS = ("invited", "Y", "N", "M", "no answer", "bounced", "unsub.")
 
 def _report(ctx: click.Context, opts: dict[str, Any], title: str, **scope: Any) -> None:
     """Every `report` command: a table, CSV (stdout or --output), a chart, or a mail."""
-    from .services import reports
+    from .services import reports, subscriptions
 
     fmt, history, chart = opts["fmt"], opts["history"], opts["chart"]
     output: str | None = opts["output"]
@@ -676,6 +676,10 @@ def _report(ctx: click.Context, opts: dict[str, Any], title: str, **scope: Any) 
             to = opts["to"] or (event.organizer_email if event else scope.get("organizer"))
             if not to:
                 raise click.UsageError("--send for a domain report needs --to EMAIL")
+            try:  # a bare name would be completed by a relay into someone else's mailbox
+                to = subscriptions.check_email(to)
+            except subscriptions.InvalidAddress as exc:
+                raise click.BadParameter(str(exc), param_hint="'--to'") from None
             name = f"{event.public_id}.csv" if event else "report.csv"
             mail = await reports.mail_report(svc, to=to, title=event.summary if event else title,
                                              history=history, filename=name,

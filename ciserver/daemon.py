@@ -18,6 +18,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import fields
@@ -45,6 +46,10 @@ class _Uvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def tune_gc() -> None:
@@ -235,8 +240,16 @@ async def serve(config: Config, on_ready: Callable[[Services], Awaitable[None]] 
             log.warning("metrics of the inbox worker processes are not collected: cannot "
                         "use %s: %s", config.state_path / "metrics", exc)
 
-    smtp_server = await smtp.start(svc)
     host, port = split_hostport(config.web.listen, "web", "listen", config.source)
+    try:  # bound here, not by uvicorn, which would exit the process on a busy port
+        web_socket = socket.create_server((host, port), family=_family(host))
+    except OSError as exc:
+        raise OSError(f"[web] listen = {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        smtp_server = await smtp.start(svc)
+    except BaseException:
+        web_socket.close()
+        raise
     app = create_app(svc)
     # log_config=None: uvicorn's warnings go through our handler (one line, journald).
     web = _Uvicorn(uvicorn.Config(app, host=host, port=port, log_level="warning",
@@ -261,7 +274,7 @@ async def serve(config: Config, on_ready: Callable[[Services], Awaitable[None]] 
 
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    tasks.append(asyncio.create_task(web.serve(), name="web"))
+    tasks.append(asyncio.create_task(web.serve(sockets=[web_socket]), name="web"))
     if workers:
         tasks += [asyncio.create_task(
                       _supervise_inbox_process(config, svc, stop, i, worker_procs),

@@ -213,6 +213,9 @@ async def start(svc: Services, listen: str | None = None) -> asyncio.Server:
 
     factory = ProtocolFactory(make_smtp(svc, limits, tls))
 
-    server = await loop.create_server(factory, host=host, port=port, reuse_address=True)
+    try:
+        server = await loop.create_server(factory, host=host, port=port, reuse_address=True)
+    except OSError as exc:  # name the setting: "address already in use" alone says little
+        raise OSError(f"[smtp] listen = {host}:{port!s}: {exc.strerror or exc}") from None
     log.info("SMTP listening on %s:%s for %s", host, port, svc.book.domain)
     return server

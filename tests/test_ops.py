@@ -372,3 +372,29 @@ def test_backup_of_postgresql_explains_pg_dump(tmp_path: Path) -> None:
             "'postgresql://ciserver@db.example:5432/inv'") in result.stderr
     assert "pg_restore" in result.stderr and "s3cret" not in result.stdout + result.stderr
     assert not (tmp_path / "x.dump").exists()
+
+
+@pytest.mark.parametrize("busy", ["web", "smtp"])
+def test_a_busy_port_is_one_clear_line(tmp_path: Path, busy: str) -> None:
+    """`serve` with a listen address someone else holds: a one-line error naming it, exit 1,
+    no traceback; the other port is not left bound."""
+    import socket
+
+    holder = socket.create_server(("127.0.0.1", 0))
+    taken = f"127.0.0.1:{holder.getsockname()[1]}"
+    other = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CISERVER_")}
+    env.update({"CISERVER_SERVER__STATE_DIR": str(tmp_path), "CISERVER_SERVER__DOMAIN": DOMAIN,
+                "CISERVER_DATABASE__URL": f"sqlite+aiosqlite:///{tmp_path / 'c.db'}",
+                "CISERVER_WEB__LISTEN": taken if busy == "web" else other,
+                "CISERVER_SMTP__LISTEN": taken if busy == "smtp" else other})
+    try:
+        result = subprocess.run([*CISERVER, "serve"], env=env, capture_output=True, text=True,
+                                timeout=60)
+    finally:
+        holder.close()
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Error: cannot start" in result.stderr and taken in result.stderr, result.stderr
+    with socket.create_server(("127.0.0.1", int(other.rpartition(":")[2]))):
+        pass  # free again

@@ -841,6 +841,9 @@ async def test_cli_reports(tmp_path: Path, sink: Sink) -> None:
         assert "boss@team.example" in r.stdout.decode()
         assert "--to" in run("report", "domain", "team.example", "--send",
                              code=2).stderr.decode()
+        bad = run("report", "event", s.game.public_id, "--send", "--to", "notanemail",
+                  code=2).stderr.decode()  # a relay would complete a bare name
+        assert "'--to'" in bad and "not a valid email address" in bad
         await relay.Relay(svc).drain()
         mails = sink.wait(2)
         event_mail = next(m for m in mails if m.rcpt_tos == [ORGANIZER])
