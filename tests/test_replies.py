@@ -666,3 +666,17 @@ async def test_a_reply_answers_for_one_person_only(sqlite_pipeline: Pipeline,
     assert row.status == "ignored" and "signed up 3 people already" in row.result
     assert sorted(await p.attendees(game.id)) == [
         "f1@example.net", "f2@example.net", FAN_ONE, "victim0@example.org"]
+
+
+async def test_an_unknown_partstat_is_no_answer(sqlite_pipeline: Pipeline) -> None:
+    """RFC 5545 3.2.12: PARTSTAT=X-FOO counts as NEEDS-ACTION, which is no answer: the Yes
+    recorded before stays."""
+    p = sqlite_pipeline
+    game = await game_night(p, FAN_ONE)
+    row = await send_itip(p, game, FAN_ONE, itip("REPLY", game, FAN_ONE, partstat="ACCEPTED"))
+    assert row.status == "done", row.result
+    for partstat in ("X-FOO", "NEEDS-ACTION"):
+        row = await send_itip(p, game, FAN_ONE, itip("REPLY", game, FAN_ONE,
+                                                     partstat=partstat))
+        assert row.status == "ignored" and "is not an answer" in row.result, row.result
+    assert (await p.attendees(game.id))[FAN_ONE]["rsvp"] == "Y"

@@ -122,6 +122,9 @@ async def _rsvp(svc: Services, session: AsyncSession, msg: Incoming, sub: Subscr
     return outcomes
 
 
+# What a REPLY's PARTSTAT may say (RFC 5546 3.2.3, VEVENT): anything else is no answer.
+ANSWERS = frozenset({"ACCEPTED", "DECLINED", "TENTATIVE", "DELEGATED"})
+
 # How many people one subscriber's forwarded invite may sign up: a forward to family or
 # colleagues is normal, a token used to subscribe a mailing list is not.
 MAX_FORWARDS = 25
@@ -149,6 +152,12 @@ async def _reply(svc: Services, session: AsyncSession, msg: Incoming, sub: Subsc
                                     f"message answers for {answering!r} only"))
             continue
         answering = att.email
+        if att.partstat.upper() not in ANSWERS:
+            # RFC 5545 3.2.12: a PARTSTAT one does not know counts as NEEDS-ACTION, and
+            # NEEDS-ACTION is no answer: it must not replace a Yes, No or Maybe.
+            outcomes.append(ignored(f"PARTSTAT {att.partstat} from {att.email} is not an "
+                                    "answer (taken as NEEDS-ACTION): nothing recorded"))
+            continue
         if len(comp.attendees) > 1:
             outcomes.append(ignored(f"REPLY names {len(comp.attendees)} attendees; only the "
                                     f"answer of {att.email} is recorded (one per REPLY)"))
