@@ -504,6 +504,12 @@ def _validate_imap(cfg: Config) -> None:
                     f"got {a.deliver_to!r}")
 
 
+# A host name (RFC 1123 labels; "localhost" for the embedded default) and a plain local part.
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_LOCAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
 def _validate(cfg: Config) -> None:
     src = cfg.source
     split_hostport(cfg.smtp.listen, "smtp", "listen", src)
@@ -516,11 +522,15 @@ def _validate(cfg: Config) -> None:
         except ValueError:
             raise ConfigError(f"{src}: [web] metrics_allow[{i}]: expected a network like "
                               f"\"10.0.0.0/8\" or an address, got {net!r}") from None
-    if "@" in cfg.server.domain or not cfg.server.domain:
+    if not _DOMAIN_RE.match(cfg.server.domain):
         raise ConfigError(
             f"{src}: [server] domain: expected a domain name like \"invites.example.com\", "
             f"got {cfg.server.domain!r}"
         )
+    if not _LOCAL_RE.match(cfg.server.create_local_part):
+        raise ConfigError(
+            f"{src}: [server] create_local_part: expected the part of an address before the @, "
+            f"like \"create\" (letters, digits, . _ -), got {cfg.server.create_local_part!r}")
     if cfg.server.public_url and not cfg.server.public_url.startswith(("http://", "https://")):
         raise ConfigError(
             f"{src}: [server] public_url: expected an http:// or https:// URL, "

@@ -240,6 +240,10 @@ async def serve(config: Config, on_ready: Callable[[Services], Awaitable[None]] 
             log.warning("metrics of the inbox worker processes are not collected: cannot "
                         "use %s: %s", config.state_path / "metrics", exc)
 
+    if 0 < len(config.server.secret_key) < 16:  # a warning: refusing would break upgrades
+        log.warning("[server] secret_key is %d characters: every token is as strong as this "
+                    "key; use 16 or more, or leave it out to have one generated",
+                    len(config.server.secret_key))
     host, port = split_hostport(config.web.listen, "web", "listen", config.source)
     try:  # bound here, not by uvicorn, which would exit the process on a busy port
         web_socket = socket.create_server((host, port), family=_family(host))

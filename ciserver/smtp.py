@@ -190,7 +190,11 @@ def tls_context(svc: Services) -> ssl.SSLContext | None:
     if not cfg.tls_cert:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    try:
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    except OSError as exc:  # a bare "[Errno 2] No such file or directory" names nothing
+        raise OSError(f"[smtp] tls_cert = {cfg.tls_cert!r}, tls_key = {cfg.tls_key!r}: "
+                      f"{exc.strerror or exc}") from None
     return ctx
 
 

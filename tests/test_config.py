@@ -87,3 +87,22 @@ def test_example_documents_every_key_with_its_default() -> None:
         assert help_text.split(";")[0][:40] in text.replace("\n# ", " "), f"{key}: no help"
     # and the example itself loads
     config.load(EXAMPLE, {})
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("CISERVER_SERVER__DOMAIN", "not a domain!", "[server] domain"),
+    ("CISERVER_SERVER__DOMAIN", "-bad.example", "[server] domain"),
+    ("CISERVER_SERVER__CREATE_LOCAL_PART", "bad local@", "[server] create_local_part"),
+])
+def test_values_that_cannot_work_are_refused(key: str, value: str, says: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, {key: value})
+    assert says in str(err.value)
+
+
+def test_values_that_work_pass() -> None:
+    cfg = config.load(None, {"CISERVER_SERVER__DOMAIN": "Invites.Example.com",
+                                 "CISERVER_SERVER__CREATE_LOCAL_PART": "new-event",
+                                 "CISERVER_SERVER__SECRET_KEY": "s" * 16})
+    assert cfg.server.domain == "Invites.Example.com"
+    assert config.load(None, {}).server.domain == "localhost"
