@@ -680,3 +680,20 @@ async def test_an_unknown_partstat_is_no_answer(sqlite_pipeline: Pipeline) -> No
                                                      partstat=partstat))
         assert row.status == "ignored" and "is not an answer" in row.result, row.result
     assert (await p.attendees(game.id))[FAN_ONE]["rsvp"] == "Y"
+
+
+async def test_an_answer_after_the_cancel_is_late(sqlite_pipeline: Pipeline) -> None:
+    p = sqlite_pipeline
+    game = await game_night(p, FAN_ONE, FAN_TWO)
+    await send_itip(p, game, FAN_ONE, itip("REPLY", game, FAN_ONE, partstat="DECLINED"))
+    raw = organizer_mail("google", method="CANCEL", uid=ORG_UID, sequence=1,
+                         dtstamp=datetime(2026, 2, 10, tzinfo=UTC), start=START,
+                         end=START + timedelta(hours=3), summary="Game night", rrule=RRULE)
+    assert (await p.deliver(f"create@{DOMAIN}", raw, ORGANIZER)).status == "done"
+    for fan in (FAN_ONE, FAN_TWO):
+        row = await send_itip(p, game, fan, itip("REPLY", game, fan, partstat="ACCEPTED",
+                                                 sequence=1))
+        assert row.status == "done" and "late answer ACCEPTED" in row.result, row.result
+    people = await p.attendees(game.id)
+    assert people[FAN_ONE]["rsvp"] == "N" and people[FAN_TWO]["rsvp"] is None
+    assert ("", "ACCEPTED", "late") in await history(p, game, FAN_TWO)

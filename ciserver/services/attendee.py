@@ -209,7 +209,9 @@ async def _apply_answer(svc: Services, session: AsyncSession, msg: Incoming,
             Answer.subscription_id == sub.id, Answer.occurrence == occurrence))
         ).scalar_one_or_none()
     previous = AnswerStamp(current.sequence, current.stamp) if current else None
-    if not in_window(event.rsvp_until, msg.received_at):
+    # A cancelled event's counts are final: an answer arriving after the CANCEL (a client
+    # that answered an older copy) is kept in history as late, like one after the event.
+    if event.status == "cancelled" or not in_window(event.rsvp_until, msg.received_at):
         outcome = "late"
     elif not reply_is_current(previous, stamp):
         outcome = "stale"
