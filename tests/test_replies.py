@@ -697,3 +697,25 @@ async def test_an_answer_after_the_cancel_is_late(sqlite_pipeline: Pipeline) -> 
     people = await p.attendees(game.id)
     assert people[FAN_ONE]["rsvp"] == "N" and people[FAN_TWO]["rsvp"] is None
     assert ("", "ACCEPTED", "late") in await history(p, game, FAN_TWO)
+
+
+async def test_a_plain_reply_from_someone_else_names_its_writer(
+        sqlite_pipeline: Pipeline) -> None:
+    """A colleague the invite was forwarded to writes to the subscriber's address: the
+    organizer sees who wrote, and answering reaches the writer."""
+    p = sqlite_pipeline
+    game = await game_night(p, FAN_FOUR)
+    raw = (f"From: Jana Kolleg <j@example.de>\r\nTo: {game.rsvp(FAN_FOUR)}\r\n"
+           "Subject: Re: Invitation: Game night\r\nDate: Sat, 21 Feb 2026 19:02:44 +0100\r\n"
+           "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+           "Is there parking?\r\n").encode()
+    row = await p.deliver(game.rsvp(FAN_FOUR), raw, "j@example.de")
+    assert row.status == "done" and "from j@example.de forwarded" in row.result, row.result
+    [mail] = p.sink.messages
+    msg = mail.message
+    assert msg["Reply-To"] == "j@example.de" and "j@example.de" in msg["Subject"]
+    body = msg.get_payload(decode=True)
+    assert isinstance(body, bytes)
+    text = body.decode()
+    assert "Jana Kolleg <j@example.de> (to fan.four@example.com's invite address)" in text
+    assert "Is there parking?" in text

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .. import metrics
-from ..addresses import Kind, Recipient
+from ..addresses import Kind, Recipient, normalize_email
 from ..itip import build
 from ..itip.mime import parse_message
 from ..itip.parse import Component, ItipError, ItipObject
@@ -250,13 +250,19 @@ async def _apply_answer(svc: Services, session: AsyncSession, msg: Incoming,
 async def _forward_plain(svc: Services, session: AsyncSession, msg: Incoming,
                          sub: Subscription, event: Event) -> Outcome:
     body = msg.ex.text_body.strip() or "(the message has no plain-text body)"
+    # Who wrote it: the From of the mail (a colleague the invite was forwarded to, say), not
+    # necessarily the subscriber whose address it was sent to.
+    writer = normalize_email(msg.ex.from_addr) or sub.email
+    who = f"{msg.ex.from_name or sub.name or writer} <{writer}>" if writer != sub.email else \
+        f"{sub.name or sub.email} <{sub.email}>"
+    via = f" (to {sub.email}'s invite address)" if writer != sub.email else ""
     await notify.send(
-        svc, session, to=event.organizer_email, reply_to=sub.email, auto_submitted="auto-replied",
-        subject=f"Message from {sub.email} about {event.summary}",
-        text=f"{sub.name or sub.email} <{sub.email}> wrote about {event.summary!r}:\n\n"
+        svc, session, to=event.organizer_email, reply_to=writer, auto_submitted="auto-replied",
+        subject=f"Message from {writer} about {event.summary}",
+        text=f"{who}{via} wrote about {event.summary!r}:\n\n"
              f"Subject: {msg.ex.subject}\n\n{body}\n\n-- \nAnswering this mail answers "
-             f"{sub.email} directly.\n")
-    return done(f"plain reply from {sub.email} forwarded to {event.organizer_email}")
+             f"{writer} directly.\n")
+    return done(f"plain reply from {writer} forwarded to {event.organizer_email}")
 
 
 async def _counter(svc: Services, session: AsyncSession, msg: Incoming, sub: Subscription,
