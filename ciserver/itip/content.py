@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from dateutil.rrule import rrulestr
 from icalendar import Calendar, Event
@@ -19,6 +20,12 @@ from .parse import ItipObject, clean_vevent, normalize_time, occurrence_key, to_
 CONTENT_UID = "content"  # placeholder UID inside stored content; the real one is set on output
 # Series without an end: answers stay open this long past the first start.
 OPEN_SERIES_WINDOW = timedelta(days=3650)
+# At most this many occurrences are walked to find where a series ends. An RRULE is
+# untrusted input: FREQ=MINUTELY;UNTIL=99991231T000000Z is billions of occurrences, and
+# listing them all pinned the inbox worker's CPU, grew it past 2 GB and held the store's
+# write lock until it was killed (then the same message froze the next worker). 5000
+# covers a daily series over the whole OPEN_SERIES_WINDOW exactly and costs tens of ms.
+MAX_OCCURRENCES_WALKED = 5000
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,11 @@ def visible_changes(old: str, new: str) -> list[str]:
 
 
 def _series_end(master: Event, start: date, duration: timedelta) -> datetime:
-    """End of the last occurrence; far in the future for a series without an end."""
+    """End of the last occurrence; far in the future for a series without an end.
+
+    Walks at most MAX_OCCURRENCES_WALKED occurrences: a longer series is treated like one
+    without an end (its UNTIL, when nearer, still closes it), never earlier than the last
+    occurrence walked."""
     rule = master.get("RRULE")
     last = start
     if rule is not None:
@@ -143,19 +154,34 @@ def _series_end(master: Event, start: date, duration: timedelta) -> datetime:
             return to_utc(start) + OPEN_SERIES_WINDOW
         dtstart = start if isinstance(start, datetime) else datetime(
             start.year, start.month, start.day)
+        walked: date | None = None
         try:
-            occurrences = list(rrulestr(text, dtstart=dtstart))
+            # Lazily, never list(): dateutil only stops at COUNT/UNTIL.
+            for n, occurrence in enumerate(rrulestr(text, dtstart=dtstart)):
+                if n >= MAX_OCCURRENCES_WALKED:
+                    return _beyond_walk(rule, start, walked or start, duration)
+                walked = occurrence if isinstance(start, datetime) else occurrence.date()
         except (ValueError, TypeError):
             return to_utc(start) + OPEN_SERIES_WINDOW
-        if occurrences:
-            last = max(last, occurrences[-1] if isinstance(start, datetime)
-                       else occurrences[-1].date())
+        if walked is not None:
+            last = max(last, walked)
     rdates = master.get("RDATE")
     for prop in rdates if isinstance(rdates, list) else [rdates] if rdates else []:
         for item in prop.dts:
             if isinstance(item.dt, date) and to_utc(item.dt) > to_utc(last):
                 last = item.dt
     return to_utc(last) + duration
+
+
+def _beyond_walk(rule: Any, start: date, walked: date, duration: timedelta) -> datetime:
+    """End of a series with more occurrences than we walk: its true end is unknown (and may
+    be absurd, e.g. year 9999), so answers stay open as for a series without an end, or
+    until its UNTIL if that is sooner; never less than what was walked."""
+    end = to_utc(start) + OPEN_SERIES_WINDOW
+    until = rule.get("UNTIL") if hasattr(rule, "get") else None
+    if until and isinstance(until[0], date):
+        end = min(end, to_utc(normalize_time(until[0], None)) + duration)
+    return max(end, to_utc(walked) + duration)
 
 
 def summarize(content: str) -> Summary:

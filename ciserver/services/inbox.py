@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, insert, or_, select, update
+from sqlalchemy import Table, and_, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .. import metrics
@@ -34,6 +34,11 @@ from .outcome import Outcome
 
 log = logging.getLogger("ciserver.inbox")
 CLAIM_TIMEOUT = timedelta(minutes=5)
+# A message is claimed at most this many times. Its claim expires only when the worker died,
+# hung or lost the store while processing it (a message that raises is marked failed at
+# once). Without a bound a poison message was claimed again after every restart and froze
+# each new worker; after MAX_ATTEMPTS it is set aside as failed for `ciserver inbox retry`.
+MAX_ATTEMPTS = 3
 GATHER_BELOW = 50
 GATHER_DELAY = 0.05
 
@@ -117,20 +122,43 @@ Row = tuple[int, bytes, str, str, datetime]  # id, raw, mail_from, rcpt_to, rece
 
 async def claim_rows(svc: Services, limit: int = 200) -> list[Row]:
     """Take up to ``limit`` due messages, with their content, in one statement (UPDATE ...
-    RETURNING over a SKIP LOCKED selection: instances never take the same message)."""
+    RETURNING over a SKIP LOCKED selection: instances never take the same message).
+
+    A message whose claim expired is first set aside if it had MAX_ATTEMPTS already, and
+    is otherwise claimed again *alone*: whatever killed its batch may be this message, and
+    its batchmates must not share its attempts."""
     now = svc.now()
-    due = or_(_INBOX.c.status == "new",
-              and_(_INBOX.c.status == "processing", _INBOX.c.claimed_until < now))
+    expired = and_(_INBOX.c.status == "processing", _INBOX.c.claimed_until < now)
+    async with svc.engine.begin() as conn:
+        poisoned = (select(_INBOX.c.id).where(expired, _INBOX.c.attempts >= MAX_ATTEMPTS)
+                    .with_for_update(skip_locked=True))
+        set_aside = (await conn.execute(
+            update(_INBOX).where(_INBOX.c.id.in_(poisoned.scalar_subquery()))
+            .values(status="failed", processed_at=now, claimed_until=None,
+                    error=f"set aside after {MAX_ATTEMPTS} attempts: each time the claim "
+                          "expired before processing finished (the worker died, hung or "
+                          "lost the store while processing this message); "
+                          "`ciserver inbox retry` tries it again")
+            .returning(_INBOX.c.id))).scalars().all()
+        for inbox_id in set_aside:
+            log.warning("inbox %s failed: set aside after %d expired claims", inbox_id,
+                        MAX_ATTEMPTS)
+        rows = (await conn.execute(_claim(expired, 1, now))).all()
+        if not rows:
+            rows = (await conn.execute(_claim(_INBOX.c.status == "new", limit, now))).all()
+    if set_aside:
+        metrics.inbound_processed(None, ["failed"] * len(set_aside))
+    return sorted((tuple(r) for r in rows), key=lambda r: r[0])
+
+
+def _claim(due: Any, limit: int, now: datetime) -> Any:
     chosen = (select(_INBOX.c.id).where(due).order_by(_INBOX.c.id).limit(limit)
               .with_for_update(skip_locked=True))
-    stmt = (update(_INBOX).where(_INBOX.c.id.in_(chosen.scalar_subquery()))
+    return (update(_INBOX).where(_INBOX.c.id.in_(chosen.scalar_subquery()))
             .values(status="processing", claimed_until=now + CLAIM_TIMEOUT,
                     attempts=_INBOX.c.attempts + 1)
             .returning(_INBOX.c.id, _INBOX.c.raw, _INBOX.c.mail_from, _INBOX.c.rcpt_to,
                        _INBOX.c.received_at))
-    async with svc.engine.begin() as conn:
-        rows = (await conn.execute(stmt)).all()
-    return sorted((tuple(r) for r in rows), key=lambda r: r[0])
 
 
 async def claim(svc: Services, limit: int = 200) -> list[int]:
