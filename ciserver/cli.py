@@ -62,10 +62,25 @@ def _config(ctx: click.Context) -> config_mod.Config:
     return cfg
 
 
+def _require_sqlite_file(url: str) -> None:
+    """A command that reads the store must not leave an empty SQLite file behind when
+    pointed at the wrong path (SQLite creates the file on connect)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
+            and not Path(parsed.database).exists():
+        raise click.ClickException(
+            f"no database at {parsed.database}: check [database] url, or create it with "
+            "`ciserver db upgrade` (`ciserver serve` does too)")
+
+
 def run_with(ctx: click.Context, fn: Callable[[Services], Awaitable[T]],
              check_schema: bool = True) -> T:
     """Open the store, check the schema, run ``fn``, close."""
     cfg = _config(ctx)
+    if check_schema:
+        _require_sqlite_file(cfg.database_url)
 
     async def main() -> T:
         svc = Services.open(cfg)
@@ -189,6 +204,7 @@ def db_current(ctx: click.Context) -> None:
     async def fn(svc: Services) -> str | None:
         return await db.current_revision(svc.engine)
 
+    _require_sqlite_file(_config(ctx).database_url)
     click.echo(run_with(ctx, fn, check_schema=False) or "empty (run `ciserver db upgrade`)")
 
 
@@ -323,7 +339,8 @@ async def _probe_http(host: str, port: int, path: str, seconds: float) -> tuple[
 
 
 @main.command()
-@click.option("--timeout", default=5.0, show_default=True, help="Seconds for each check.")
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds for each check.")
 @click.pass_context
 def status(ctx: click.Context, timeout: float) -> None:
     """Is the server healthy? Checks the database (reachable, at the current schema), the
@@ -554,50 +571,48 @@ async def _find_event(session: Any, ref: str) -> Any:
         raise click.ClickException("\n".join(lines)) from None
 
 
-def _people_csv(text: str) -> list[tuple[int, str, str]]:
-    """(line, email, name) of the CSV's customers: rows of email[,name], a header row naming
-    an ``email`` (and ``name``) column recognised, blank rows skipped, the line where each
-    record starts counted as in the file (as POST /events/{id}/attendees reads CSV)."""
-    import csv
-    import io
+def _people_csv(path: str) -> list[tuple[int, str, str]]:
+    """(line, email, name) of the CSV file's customers, read exactly as POST
+    /events/{id}/attendees reads an upload (ciserver/peoplecsv.py: character set by BOM,
+    else UTF-8, else Windows-1252; ``,``/``;``/tab; header names). A file that cannot be
+    read is a ClickException naming it: a customer list from a spreadsheet is the most
+    ordinary input there is and must never end in a traceback. "-" reads standard input."""
+    from . import peoplecsv
 
-    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
-    rows: list[tuple[int, list[str]]] = []
+    where = "standard input" if path == "-" else path
     try:
-        start = 1
-        for record in reader:
-            if any(c.strip() for c in record):
-                rows.append((start, record))
-            start = reader.line_num + 1
-    except csv.Error as exc:
-        raise click.ClickException(f"--csv: not a CSV file (line {reader.line_num}: "
-                                   f"{exc})") from None
-    if not rows:
-        return []
-    header = [c.strip().lower() for c in rows[0][1]]
-    if "email" in header:
-        ei, ni = header.index("email"), header.index("name") if "name" in header else None
-        rows = rows[1:]
-    else:
-        ei, ni = 0, 1
-    return [(line, r[ei].strip() if len(r) > ei else "",
-             r[ni].strip() if ni is not None and len(r) > ni else "") for line, r in rows]
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except OSError as exc:
+        raise click.ClickException(f"--csv {_plain(where)}: cannot read it "
+                                   f"({_plain(exc.strerror or exc)})") from None
+    try:
+        return [(p.line, p.email, p.name) for p in peoplecsv.parse(peoplecsv.decode(data))]
+    except peoplecsv.CsvError as exc:
+        raise click.ClickException(f"--csv {_plain(where)}: {_plain(exc)}") from None
 
 
 @main.command()
 @click.argument("event")
-@click.option("--csv", "csv_file", type=click.File("r", encoding="utf-8-sig"),
-              help="CSV of customers: email[,name] (a header row is recognised).")
+@click.option("--csv", "csv_file", metavar="FILE",
+              help="CSV of customers: email[,name], or columns named by a header row "
+                   "(email, name / first name, last name); any of , ; tab; \"-\" for stdin.")
 @click.option("--email", "emails", multiple=True, help="A customer address (repeatable).")
 @click.pass_context
-def invite(ctx: click.Context, event: str, csv_file: Any, emails: tuple[str, ...]) -> None:
+def invite(ctx: click.Context, event: str, csv_file: str | None,
+           emails: tuple[str, ...]) -> None:
     """Send EVENT's invite to customers (the twin of POST /events/{id}/attendees). A bad
     address refuses the whole list, naming its CSV line."""
     from .services import subscriptions
 
-    where = csv_file.name if csv_file else ""
+    where = "standard input" if csv_file == "-" else csv_file
     rows = [(f"{where}, line {line}", e, n)
-            for line, e, n in (_people_csv(csv_file.read()) if csv_file else [])]
+            for line, e, n in (_people_csv(csv_file) if csv_file else [])]
+    if csv_file and not rows and not emails:  # not "give --csv FILE": the user did
+        raise click.ClickException(f"--csv {_plain(where)}: no customers in it")
     rows += [("--email", e, "") for e in emails]
     if not rows:
         raise click.UsageError("give --csv FILE or --email ADDRESS")
@@ -888,13 +903,17 @@ def report_domain(ctx: click.Context, /, domain: str, **opts: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+INBOX_STATUSES = ("new", "processing", "done", "ignored", "rejected", "quarantined", "failed")
+QUEUE_STATES = ("pending", "sending", "sent", "failed", "cancelled")
+
+
 @main.group("inbox")
 def inbox_group() -> None:
     """Received mail: inspect and retry."""
 
 
 @inbox_group.command("list")
-@click.option("--status", help="new, processing, done, ignored, rejected, quarantined, failed")
+@click.option("--status", type=click.Choice(INBOX_STATUSES))
 @click.option("--limit", default=50, show_default=True)
 @click.pass_context
 def inbox_list(ctx: click.Context, status: str | None, limit: int) -> None:
@@ -956,6 +975,7 @@ def inbox_retry(ctx: click.Context, ids: tuple[int, ...], all_failed: bool) -> N
         raise click.UsageError("give message ids or --all-failed")
 
     async def fn(svc: Services) -> int:
+        await _require_ids(svc, "inbox message", ids)
         return await inbox.retry(svc, list(ids) or None)
 
     click.echo(f"{run_with(ctx, fn)} message(s) queued for processing again")
@@ -987,6 +1007,24 @@ def queue_group() -> None:
     """Outgoing mail: inspect, retry, purge."""
 
 
+async def _require_ids(svc: Services, what: str, ids: tuple[int, ...]) -> None:
+    """Ids given on the command line must exist: "0 item(s)" for a mistyped id reads like
+    success."""
+    from sqlalchemy import select
+
+    from .store.models import InboxMessage, OutboxItem
+
+    if not ids:
+        return
+    model: Any = InboxMessage if what == "inbox message" else OutboxItem
+    async with svc.sessions() as session:
+        found = set((await session.execute(select(model.id).where(model.id.in_(ids))
+                                           )).scalars())
+    missing = [str(i) for i in ids if i not in found]
+    if missing:
+        raise click.ClickException(f"no {what} {', '.join(missing)}: nothing done")
+
+
 def _queue_filter(q: Any, ids: tuple[int, ...], state: str | None, domain: str | None) -> Any:
     from .store.models import OutboxItem
 
@@ -1000,7 +1038,7 @@ def _queue_filter(q: Any, ids: tuple[int, ...], state: str | None, domain: str |
 
 
 @queue_group.command("list")
-@click.option("--state", help="pending, sending, sent, failed, cancelled")
+@click.option("--state", type=click.Choice(QUEUE_STATES))
 @click.option("--domain", help="Only mail to this recipient domain.")
 @click.option("--limit", default=50, show_default=True)
 @click.pass_context
@@ -1078,7 +1116,7 @@ def _age(delta: Any) -> str:
 
 @queue_group.command("retry")
 @click.argument("ids", type=int, nargs=-1)
-@click.option("--state", default="failed", show_default=True,
+@click.option("--state", default="failed", show_default=True, type=click.Choice(QUEUE_STATES),
               help="Which items to retry when no ids are given.")
 @click.option("--domain", help="Only mail to this recipient domain.")
 @click.pass_context
@@ -1089,6 +1127,7 @@ def queue_retry(ctx: click.Context, ids: tuple[int, ...], state: str, domain: st
     from .store.models import OutboxItem
 
     async def fn(svc: Services) -> int:
+        await _require_ids(svc, "queue item", ids)
         async with svc.sessions.begin() as session:
             q = _queue_filter(update(OutboxItem), ids, None if ids else state, domain)
             q = q.where(OutboxItem.state != "sending")  # a worker has it in hand
@@ -1102,7 +1141,8 @@ def queue_retry(ctx: click.Context, ids: tuple[int, ...], state: str, domain: st
 
 @queue_group.command("purge")
 @click.argument("ids", type=int, nargs=-1)
-@click.option("--state", help="Purge every item in this state (e.g. failed, sent).")
+@click.option("--state", type=click.Choice(QUEUE_STATES),
+              help="Purge every item in this state (e.g. failed, sent).")
 @click.option("--domain", help="Only mail to this recipient domain.")
 @click.pass_context
 def queue_purge(ctx: click.Context, ids: tuple[int, ...], state: str | None,
@@ -1116,6 +1156,7 @@ def queue_purge(ctx: click.Context, ids: tuple[int, ...], state: str | None,
         raise click.UsageError("give ids, --state or --domain (purging everything is refused)")
 
     async def fn(svc: Services) -> int:
+        await _require_ids(svc, "queue item", ids)
         async with svc.sessions.begin() as session:
             q = _queue_filter(delete(OutboxItem), ids, state, domain)
             q = q.where(OutboxItem.state != "sending")  # never under a worker's feet

@@ -819,3 +819,90 @@ async def test_an_event_named_twice_is_one_sign_up(make_api: Factory) -> None:
                                 json={"email": f"f{i}@example.com"})).status_code
              for i in range(2)]
     assert codes == [202, 429]  # the first request counted once
+
+
+async def test_null_name_and_unknown_report_parameters(
+        setup: tuple[Services, httpx.AsyncClient]) -> None:
+    svc, client = setup
+    org = await key_for(svc, organizer=ORGANIZER)
+    a = await make_event(svc)
+    r = await client.post(f"/api/v1/events/{a}/invites",
+                          json={"email": "nul@example.com", "name": None})
+    assert r.status_code == 202, r.text
+    r = await client.post(f"/api/v1/events/{a}/attendees", headers=org,
+                          json=[{"email": "bulk@example.com", "name": None}])
+    assert r.status_code == 202, r.text
+    # paging is by ?cursor=; ?offset= would silently give the first page again
+    r = await client.get(f"/api/v1/events/{a}/report.json", headers=org,
+                         params={"offset": 50})
+    assert r.status_code == 422 and "cursor" in r.json()["error"]["message"], r.text
+    assert (await client.get(f"/api/v1/events/{a}/report.json", headers=org)).status_code == 200
+
+
+async def test_our_own_addresses_are_not_customers(
+        setup: tuple[Services, httpx.AsyncClient]) -> None:
+    svc, client = setup
+    org = await key_for(svc, organizer=ORGANIZER)
+    a = await make_event(svc)
+    for addr in (f"create@{DOMAIN}", f"RSVP+x@{DOMAIN.upper()}"):
+        r = await client.post(f"/api/v1/events/{a}/invites", json={"email": addr})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_email", r.text
+        assert "address of this server" in r.json()["error"]["message"]
+        r = await client.post(f"/api/v1/events/{a}/attendees", headers=org,
+                              json=[{"email": "ok@example.com"}, {"email": addr}])
+        assert r.status_code == 422, r.text
+    assert (await client.get(f"/api/v1/events/{a}/attendees", headers=org)).json() == []
+
+
+async def test_csv_uploads_in_their_own_character_set_and_header_names(
+        setup: tuple[Services, httpx.AsyncClient]) -> None:
+    """A spreadsheet's CSV as Windows, Excel or a European Excel saves it: the character set
+    by BOM, declared charset, else UTF-8, else Windows-1252; the usual header names; "," ";"
+    or tab; errors naming the line."""
+    svc, client = setup
+    org = await key_for(svc, organizer=ORGANIZER)
+    url = f"/api/v1/events/{await make_event(svc)}/attendees"
+
+    async def post(body: bytes, ctype: str = "text/csv") -> httpx.Response:
+        return await client.post(url, headers={**org, "Content-Type": ctype}, content=body)
+
+    text = "email,name\n{}@example.com,Jos\u00e9 \u2019\u20ac\n"
+    for i, (body, ctype) in enumerate((
+            (text.format("c0").encode("cp1252"), "text/csv; charset=windows-1252"),
+            (text.format("c1").encode("cp1252"), "text/csv; charset=ISO-8859-1"),
+            (text.format("c2").encode("cp1252"), "text/csv"),  # undeclared, not UTF-8
+            (text.format("c3").encode("cp1252"), "text/csv; charset=utf-8"),  # mislabelled
+            (text.format("c4").encode("utf-16"), "text/csv"),  # BOM (LE here)
+            (b"\xfe\xff" + text.format("c5").encode("utf-16-be"), "text/csv"),
+            (b"\xef\xbb\xbf" + text.format("c6").encode("utf-8"), "text/csv"),
+            (text.format("c7").encode("utf-16-le"), "text/csv"))):  # no BOM: plainly UTF-16
+        r = await post(body, ctype)
+        assert r.status_code == 202 and r.json()["count"] == 1, (i, r.text)
+    r = await client.post(url, headers=org, files={"file": (
+        "f.csv", text.format("c8").encode("cp1252"), "text/csv")})
+    assert r.status_code == 202, r.text
+    for body, count in (
+            (b"Email Address,First Name,Last Name\nh1@example.com,Ann,Lee\n", 1),
+            (b"First Name;Last Name;E-Mail\nBob;Ray;h2@example.com\n", 1),
+            (b"Full Name\tMAIL\nCy Dee\th3@example.com\n", 1),
+            (b'name,email\n"Lee, Ann",h4@example.com\n', 1),
+            (b"h5@example.com;Five\nh6@example.com;Six\n", 2)):  # no header, ";"
+        r = await post(body)
+        assert r.status_code == 202 and r.json()["count"] == count, (body, r.text)
+    r = await client.get(url + "?limit=100", headers=org)
+    names = {a["email"]: a["name"] for a in r.json()}
+    for i in range(9):
+        assert names[f"c{i}@example.com"] == "Jos\u00e9 \u2019\u20ac", (i, names)
+    assert (names["h1@example.com"], names["h2@example.com"], names["h3@example.com"],
+            names["h4@example.com"], names["h5@example.com"]) == (
+        "Ann Lee", "Bob Ray", "Cy Dee", "Lee, Ann", "Five")
+    # refusals: clear, with the line
+    for body, ctype, message in (
+            (b"email,name\nok@example.com,A\n\nnot-an-address,B\n", "text/csv",
+             "line 4: 'not-an-address' is not a valid email address"),
+            (b"Name,Phone\nAnn,123\n", "text/csv", "line 1: the header row has no email column"),
+            (b"a@example.com\n", "text/csv; charset=klingon", "unknown character set"),
+            (b"\xff\xfe\x00", "text/csv", "byte order mark but is not valid UTF-16")):
+        r = await post(body, ctype)
+        assert r.status_code == 422, (body, r.text)
+        assert message in r.json()["error"]["message"], (body, r.text)

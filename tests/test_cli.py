@@ -116,3 +116,52 @@ def test_keys_invites_reports_and_inbox(cli: Cli) -> None:
     assert "queued for delivery to zach@team.example" in cli("report", "event", "apple-uid-1",
                                                             "--send").stdout
     assert "depth:" in cli("queue", "list").stdout
+
+
+def test_invite_csv_in_any_character_set_and_bad_files_without_traceback(cli: Cli) -> None:
+    """`invite --csv` reads a file as the API reads an upload (BOM, else UTF-8, else
+    Windows-1252; header names; "," ";" tab) and refuses a bad one with a message naming the
+    file, never a traceback."""
+    eml = cli.tmp / "invite.eml"
+    eml.write_bytes(organizer_mail("apple", uid="csv-uid-1", start=START,
+                                   end=START.replace(hour=3), summary="Cup final"))
+    cli("inbox", "import", str(eml), "--to", f"create@{DOMAIN}")
+    subprocess.run([sys.executable, "-c", (
+        "import asyncio\n"
+        "from ciserver import config\n"
+        "from ciserver.services.context import Services\n"
+        "from ciserver.services import inbox\n"
+        f"cfg = config.load({str(cli.config)!r})\n"
+        "async def main():\n"
+        "    svc = Services.open(cfg)\n"
+        "    await inbox.drain(svc)\n"
+        "    await svc.close()\n"
+        "asyncio.run(main())\n")], check=True, env=cli.env, timeout=60)
+    latin = cli.tmp / "latin.csv"
+    latin.write_bytes("E-mail;First name;Last name\nlat@example.com;Jos\u00e9;Ni\u00f1o\n"
+                      .encode("cp1252"))
+    assert "1 invite(s) queued" in cli("invite", "csv-uid-1", "--csv", str(latin)).stdout
+    wide = cli.tmp / "wide.csv"
+    wide.write_bytes("email,name\nwide@example.com,Zo\u00eb\n".encode("utf-16"))
+    assert "1 invite(s) queued" in cli("invite", "csv-uid-1", "--csv", str(wide)).stdout
+    out = cli("report", "event", "csv-uid-1", "--format", "csv").stdout
+    names = {r["email"]: r["name"] for r in csv.DictReader(io.StringIO(out))}
+    assert names["lat@example.com"] == "Jos\u00e9 Ni\u00f1o"
+    assert names["wide@example.com"] == "Zo\u00eb"
+    # bad files: a clear message naming the file, exit 1, no traceback
+    broken = cli.tmp / "broken.csv"
+    broken.write_bytes(b"\xff\xfe\x00")
+    empty = cli.tmp / "empty.csv"
+    empty.write_bytes(b"email\n")
+    nameless = cli.tmp / "nameless.csv"
+    nameless.write_bytes(b"Name,Phone\nAnn,1\n")
+    for path, message in ((cli.tmp / "missing.csv", "cannot read it (No such file"),
+                          (cli.tmp, "cannot read it"),
+                          (broken, "byte order mark but is not valid UTF-16"),
+                          (empty, "no customers in it"),
+                          (nameless, "line 1: the header row has no email column")):
+        r = cli("invite", "csv-uid-1", "--csv", str(path), code=1)
+        assert f"--csv {path}: " in r.stderr and message in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    r = cli("invite", "csv-uid-1", "--csv", "-", stdin="stdin@example.com,In\n")
+    assert "1 invite(s) queued" in r.stdout

@@ -305,3 +305,17 @@ async def test_auto_submitted_says_whether_a_notice_answers_a_message(
 def test_header_safe_turns_control_runs_into_one_space(text: str, expected: str) -> None:
     assert header_safe(text) == expected
     assert header_safe(text, 3) == expected[:3]
+
+
+@pytest.mark.parametrize("args", [("events", "list"), ("inbox", "list"), ("queue", "list"),
+                                  ("db", "current"), ("report", "organizer", ORGANIZER)])
+def test_reading_a_database_that_is_not_there_creates_nothing(tmp_path: Path,
+                                                              args: tuple[str, ...]) -> None:
+    """A mistyped [database] url: one error naming the path, and no empty SQLite file left
+    behind for the next command to find."""
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CISERVER_")}
+    env.update({"CISERVER_DATABASE__URL": f"sqlite+aiosqlite:///{tmp_path / 'typo.db'}",
+                "CISERVER_SERVER__STATE_DIR": str(tmp_path / "state")})
+    r = CliRunner().invoke(main, list(args), env=env)
+    assert r.exit_code == 1 and f"no database at {tmp_path / 'typo.db'}" in r.output, r.output
+    assert not (tmp_path / "typo.db").exists()

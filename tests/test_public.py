@@ -672,3 +672,136 @@ async def test_console_preview_renders_inactive(sqlite_svc: Services, app: FastA
     with pytest.raises(pages.PageError):
         public.render_page(request, pages.PageSettings(color_text="red"), evs)
 
+
+
+# --------------------------------------------------------------------------------------------
+# More games than one request may take: refused whole, with the limit named, never cut short
+
+
+async def test_too_many_games_are_refused_never_cut(sqlite_svc: Services,
+                                                    client: httpx.AsyncClient) -> None:
+    limit = public.MAX_EVENTS
+    ids = await season(sqlite_svc, limit + 1)
+    slug = await make_page(sqlite_svc, "long-season")
+    r = await client.get(f"/p/{slug}")
+    assert len(offered(r.text)) == limit + 1
+    assert f"You can pick up to {limit} games at a time." in r.text
+    refusal = f"Pick at most {limit} games at a time (you picked {limit + 1})"
+    # "Select all", without JavaScript: the page again, the choice kept, nothing sent
+    r = await client.post(f"/p/{slug}", data={"email": "all@example.com", "events": ids})
+    assert r.status_code == 422 and refusal in r.text and "Done!" not in r.text
+    assert len(checked(r.text)) == limit + 1
+    # the same by fetch (page.js shows error.message)
+    r = await client.post(f"/p/{slug}", data={"email": "all@example.com", "events": ids},
+                          headers={"Accept": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "too_many_events"
+    assert r.json()["error"]["field"] == "events" and refusal in r.json()["error"]["message"]
+    # the email call to action: the GET page and the POST refuse the whole link
+    link = "/i?events=" + ",".join(ids) + "&email=all@example.com"
+    r = await client.get(link)
+    assert r.status_code == 422 and 'id="cta-form"' not in r.text
+    assert f"This link lists {limit + 1} games, but at most {limit} can be added" in r.text
+    r = await client.post("/i", data={"email": "all@example.com", "events": ",".join(ids),
+                                      "token": "x"})
+    assert r.status_code == 422 and f"at most {limit} can be added" in r.text
+    # the API (what embed.js calls) names the same limit
+    r = await client.post("/api/v1/invites", json={"email": "all@example.com", "events": ids})
+    assert r.status_code == 422 and str(limit) in r.json()["error"]["message"]
+    assert await subs(sqlite_svc) == []
+    # the limit itself is accepted, all of it
+    r = await client.post(f"/p/{slug}", data={"email": "all@example.com", "events": ids[:limit]})
+    assert r.status_code == 200 and f"Done! {limit} invites are on their way" in r.text
+    assert len(await subs(sqlite_svc)) == limit
+    r = await client.get("/i?events=" + ",".join(ids[1:]) + "&email=cta@example.com")
+    fields = cta_fields(r.text)
+    assert len(fields["events"].split(",")) == limit  # was cut to 50 before
+    r = await client.post("/i", data=fields)
+    assert r.status_code == 200 and f"Done! {limit} invites" in r.text
+    # a snippet never makes a link the server refuses
+    with pytest.raises(ValueError, match=f"at most {limit}"):
+        public.embed_snippets(BASE, ids)
+
+
+async def test_game_limit_follows_the_daily_invite_allowance(sqlite_svc: Services,
+                                                             client: httpx.AsyncClient) -> None:
+    """A request over one mailbox's daily invite allowance could never pass the rate limit:
+    it is refused as too many games, not with "try again later"."""
+    sqlite_svc.config.web.rate_limit_invites_per_address = 2
+    ids = await season(sqlite_svc, 3)
+    slug = await make_page(sqlite_svc, "small-allowance")
+    assert "You can pick up to 2 games at a time." in (await client.get(f"/p/{slug}")).text
+    r = await client.post(f"/p/{slug}", data={"email": "a@example.com", "events": ids},
+                          headers={"Accept": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith(
+        "Pick at most 2 games at a time (you picked 3)")
+    r = await client.get("/i?events=" + ",".join(ids) + "&email=a@example.com")
+    assert r.status_code == 422 and "at most 2 can be added" in r.text
+    r = await client.post(f"/p/{slug}", data={"email": "a@example.com", "events": ids[:2]})
+    assert r.status_code == 200 and "Done! 2 invites" in r.text
+
+
+async def test_console_snippets_stay_within_the_limit(svc: Services, sink: Sink) -> None:
+    """The console's button and mailing link carry no more games than a request may ask
+    for, and the console says so when the page has more."""
+    from .test_console import sign_in
+
+    svc.clock = lambda: NOW
+    svc.config.web.rate_limit_invites_per_address = 2  # the limit: 2 games a request
+    ids = await season(svc, 3)
+    slug = await make_page(svc, "three")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(svc)),
+                                 base_url=BASE) as c:
+        await sign_in(svc, c, sink)
+        r = await c.get(f"/console/pages/{slug}")
+    assert r.status_code == 200
+    assert "This page has 3 events, but a button or a mailing link can add at most 2" in r.text
+    assert f"/i?events={ids[0]},{ids[1]}&amp;email={{{{email}}}}" in r.text
+    assert ids[2] not in r.text.split('id="snippet-limit"')[1].split('class="editor"')[0]
+
+
+def test_embed_js_shows_the_servers_message(tmp_path: Any) -> None:
+    """embed.js blames the address only when the server does; any other refusal (a button
+    listing too many games) is shown in the server's words."""
+    pw = pytest.importorskip("playwright.sync_api")
+    chromium = "/usr/bin/chromium"
+    import os
+
+    if not os.path.exists(chromium):
+        pytest.skip("Debian's chromium is not installed")
+    script = public.static_file("embed.js")
+    assert script is not None
+    answers = {
+        "bad@example.com": {"error": {"code": "invalid_email", "message": "'bad' is no"}},
+        "many@example.com": {"error": {"code": "invalid", "message":
+                                       "events: List should have at most 100 items"}},
+    }
+
+    def api(route: Any) -> None:
+        email = json.loads(route.request.post_data)["email"]
+        route.fulfill(status=422, content_type="application/json",
+                      body=json.dumps(answers[email]))
+
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.route("https://ci.example/embed.js", lambda r: r.fulfill(
+                status=200, content_type="text/javascript", body=script[0]))
+            page.route("https://ci.example/api/v1/invites", api)
+            page.route("https://site.example/", lambda r: r.fulfill(
+                status=200, content_type="text/html", body='<p id="box"><script '
+                'src="https://ci.example/embed.js" data-events="a,b"></script></p>'))
+            page.goto("https://site.example/")
+            status = page.locator(".ciserver-invite .status")
+            for email, shown in (("many@example.com", "at most 100 items"),
+                                 ("bad@example.com", "Please enter a valid email address.")):
+                page.locator(".ciserver-invite input").fill(email)
+                page.locator(".ciserver-invite button").click()
+                page.wait_for_function(
+                    "t => document.querySelector('.ciserver-invite').shadowRoot"
+                    ".querySelector('.status').textContent.includes(t)", arg=shown,
+                    timeout=10_000)
+                assert shown in status.inner_text()
+        finally:
+            browser.close()

@@ -268,3 +268,23 @@ def test_queue_list_shows_age_and_state_per_domain(queue: Queue) -> None:
     assert "example.net" in lines and "451 4.4.1" in lines["example.net"]
     net = [c.strip() for c in lines["example.net"].split("│")[1:-1]]
     assert net[1:4] == ["1", "1", "0"]
+
+
+def test_mistyped_states_and_ids_are_refused(queue: Queue) -> None:
+    """A state that does not exist, or an id that does not, is an error naming it (exit
+    1 or 2), not an empty table or "0 item(s)" with exit 0."""
+    for args in (("queue", "list", "--state", "bogus"), ("queue", "retry", "--state", "x"),
+                 ("queue", "purge", "--state", "faild"), ("inbox", "list", "--status", "nope"),
+                 ("status", "--timeout", "0")):
+        r = queue.cli(*args)
+        assert r.exit_code == 2 and "Invalid value" in r.output, (args, r.output)
+    before = queue.states()
+    for args, what in ((("queue", "retry", "99999"), "no queue item 99999"),
+                       (("queue", "purge", str(queue.ids[GONE]), "99998"),
+                        "no queue item 99998"),
+                       (("inbox", "retry", "99997"), "no inbox message 99997")):
+        r = queue.cli(*args)
+        assert r.exit_code == 1 and what in r.output, (args, r.output)
+    assert queue.states() == before  # nothing done, not even for the id that exists
+    r = queue.cli("queue", "retry", str(queue.ids[GONE]))
+    assert r.exit_code == 0 and "1 item(s) will be sent again" in r.output

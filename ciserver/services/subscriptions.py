@@ -51,6 +51,16 @@ def check_email(value: str) -> str:
     return email
 
 
+def check_recipient(svc: Services, value: str) -> str:
+    """check_email, and not one of this server's own addresses (create@, rsvp+…@): an
+    invite sent there would come back to us as mail to process."""
+    email = check_email(value)
+    if email.rpartition("@")[2] == svc.book.domain:
+        raise InvalidAddress(f"{value!r} is an address of this server ({svc.book.domain}), "
+                             "not a customer's")
+    return email
+
+
 @dataclass(frozen=True)
 class InviteResult:
     subscription: Subscription
@@ -63,7 +73,7 @@ async def invite(svc: Services, session: AsyncSession, event: Event, email: str,
                  send: bool = True, origin: str = "") -> InviteResult:
     """Subscribe ``email`` to ``event`` and queue its invite. Idempotent per event x address:
     asking again does not send again, unless the address had stopped or bounced."""
-    email = check_email(email)
+    email = check_recipient(svc, email)
     name = header_safe(name or "", 200)
     if event.status == "cancelled":
         raise EventClosed("the event is cancelled")
@@ -95,7 +105,7 @@ async def invite_many(svc: Services, session: AsyncSession, event: Event,
                       origin: str = "") -> tuple[int, int]:
     """Bulk add; returns (queued, already subscribed). Bad addresses raise before anything is
     written, so a list is taken whole or not at all."""
-    checked = [(check_email(e), n) for e, n in people]
+    checked = [(check_recipient(svc, e), n) for e, n in people]
     queued = existing = 0
     for email, name in checked:
         result = await invite(svc, session, event, email, name, source, origin=origin)

@@ -9,9 +9,7 @@ next page in an RFC 8288 ``Link: <...>; rel="next"`` header.
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 import re
 import zoneinfo
@@ -37,6 +35,7 @@ from pydantic import (
 from sqlalchemy import Select, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .. import peoplecsv
 from ..addresses import normalize_email
 from ..itip.rules import PARTSTAT_RSVP, rsvp_letter
 from ..services import apikeys, events, reports, signups, subscriptions
@@ -193,6 +192,9 @@ def _plain(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_plain)]
+# An optional name: absent, "" and null all mean none (scripts send null for "no name").
+Name = Annotated[Text, BeforeValidator(lambda v: "" if v is None else v),
+                 Field(max_length=200)]
 # Dates the calendar world can take (no year-1 or year-9999 overflows in zone arithmetic).
 _EARLIEST, _LATEST = datetime(1900, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
 
@@ -312,7 +314,7 @@ class EventPatch(BaseModel):
 
 class AttendeeIn(BaseModel):
     email: Text = Field(max_length=320)
-    name: Text = Field("", max_length=200)
+    name: Name = ""
 
 
 class AttendeeOut(BaseModel):
@@ -332,7 +334,7 @@ class Accepted(BaseModel):
 
 class InviteIn(BaseModel):
     email: Text = Field(max_length=320)
-    name: Text = Field("", max_length=200)
+    name: Name = ""
     website: str = Field("", max_length=1000,
                          description="leave empty: a honeypot field for form bots")
 
@@ -720,27 +722,27 @@ MAX_BULK = 100_000
 
 
 def parse_people_csv(text: str) -> list[tuple[str, str]]:
-    """Rows of email[,name]; a header row naming an ``email`` column is recognised."""
+    """Rows of email[,name], or columns named by a header row (``email``, ``e-mail``,
+    ``email address``, ``mail``; ``name``, ``full name``, or ``first name`` + ``last name``);
+    ``,``, ``;`` or tab between cells (see ciserver/peoplecsv.py)."""
+    return [(p.email, p.name) for p in _people(text)]
+
+
+def _people(text: str) -> list[peoplecsv.Person]:
     try:
-        rows = [r for r in csv.reader(io.StringIO(text.lstrip("\ufeff")))
-                if any(c.strip() for c in r)]
-    except csv.Error as exc:
-        raise ApiError(422, "invalid", f"body: not a CSV file ({exc})") from None
-    if not rows:
-        return []
-    header = [c.strip().lower() for c in rows[0]]
-    if "email" in header:
-        ei = header.index("email")
-        ni = header.index("name") if "name" in header else None
-        body = rows[1:]
-    else:
-        ei, ni, body = 0, 1, rows
-    out = []
-    for r in body:
-        email = r[ei].strip() if len(r) > ei else ""
-        name = r[ni].strip() if ni is not None and len(r) > ni else ""
-        out.append((email, name))
-    return out
+        return peoplecsv.parse(text)
+    except peoplecsv.CsvError as exc:
+        raise ApiError(422, "invalid", f"body: {exc}") from None
+
+
+def _csv_text(data: bytes, content_type: str) -> str:
+    """The upload's text in its own character set (BOM, else the declared charset, else
+    UTF-8, else Windows-1252), not always UTF-8: a spreadsheet saved on Windows would keep
+    "Jos\ufffd" for "José", and a UTF-16 file would read as garbage addresses."""
+    try:
+        return peoplecsv.decode(data, peoplecsv.charset_of(content_type))
+    except peoplecsv.CsvError as exc:
+        raise ApiError(422, "invalid", f"body: {exc}") from None
 
 
 _BULK_BODY = {"requestBody": {"required": True, "content": {
@@ -758,18 +760,25 @@ _BULK_BODY = {"requestBody": {"required": True, "content": {
 async def add_attendees(event_id: str, request: Request, svc: SvcDep,
                         who: PrincipalDep) -> Accepted:
     """Add customers in bulk and send each the invite: a JSON list of ``{email, name?}``,
-    a CSV body (``text/csv``: email[,name] rows, an optional header row naming ``email``
-    and ``name``) or a CSV upload (multipart field ``file``). At most 100000 per request,
-    taken whole or not at all; addresses already invited are counted in ``already``."""
+    a CSV body (``text/csv``: email[,name] rows, or a header row naming the columns:
+    ``email``/``e-mail``/``email address``/``mail`` and ``name``/``full name`` or ``first
+    name`` + ``last name``; ``,``, ``;`` or tab between cells; UTF-8, UTF-16 with a BOM,
+    the ``charset`` declared, else Windows-1252) or a CSV upload (multipart field ``file``).
+    At most 100000 per request, taken whole or not at all; addresses already invited are
+    counted in ``already``."""
     ctype = media_type(request)
-    if ctype == "text/csv":
-        people = parse_people_csv((await request.body()).decode("utf-8", "replace"))
-    elif ctype == "multipart/form-data":
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise ApiError(422, "invalid", "file: upload a CSV file in the field 'file'")
-        people = parse_people_csv((await upload.read()).decode("utf-8", "replace"))
+    lines: list[int] = []  # a CSV's line of each person, for errors about one of them
+    if ctype in ("text/csv", "multipart/form-data"):
+        if ctype == "text/csv":
+            data, declared = await request.body(), request.headers.get("content-type", "")
+        else:
+            form = await request.form()
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise ApiError(422, "invalid", "file: upload a CSV file in the field 'file'")
+            data, declared = await upload.read(), upload.headers.get("content-type", "")
+        found = _people(_csv_text(data, declared))
+        people, lines = [(p.email, p.name) for p in found], [p.line for p in found]
     else:
         data = await read_body(request)
         if not isinstance(data, list):
@@ -782,9 +791,10 @@ async def add_attendees(event_id: str, request: Request, svc: SvcDep,
         raise ApiError(422, "invalid", "body: no attendees given")
     if len(people) > MAX_BULK:
         raise ApiError(413, "too_large", f"at most {MAX_BULK} attendees per request")
-    for email, _ in people:
+    for i, (email, _) in enumerate(people):
         if _CONTROL_RE.search(email):
-            raise ApiError(422, "invalid_email", f"{email!r} is not a valid email address")
+            raise ApiError(422, "invalid_email",
+                           f"{_csv_line(lines, i)}{email!r} is not a valid email address")
     people = [(e, _CONTROL_RE.sub("", n)) for e, n in people]
     async with svc.sessions.begin() as session:
         event = await visible_event(session, who, event_id)
@@ -793,10 +803,25 @@ async def add_attendees(event_id: str, request: Request, svc: SvcDep,
             queued, already = await subscriptions.invite_many(
                 svc, session, event, people, origin=f"api key {who.prefix}".strip())
         except subscriptions.InvalidAddress as exc:
-            raise ApiError(422, "invalid_email", str(exc)) from None
+            raise ApiError(422, "invalid_email", _bad_line(people, lines) + str(exc)) from None
         except subscriptions.EventClosed as exc:
             raise ApiError(409, "conflict", str(exc)) from None
     return Accepted(count=queued, already=already)
+
+
+def _csv_line(lines: Sequence[int], i: int) -> str:
+    return f"line {lines[i]}: " if i < len(lines) else ""
+
+
+def _bad_line(people: Sequence[tuple[str, str]], lines: Sequence[int]) -> str:
+    """"line N: " of a CSV's first refused address ("" for JSON): looked for only once a
+    list was refused, so accepted uploads do not check every address twice."""
+    for i, (email, _) in enumerate(people[:len(lines)]):
+        try:
+            subscriptions.check_email(email)
+        except subscriptions.InvalidAddress:
+            return _csv_line(lines, i)
+    return ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -849,7 +874,7 @@ async def public_invite(svc: Services, request: Request, refs: list[str], email:
     per address and per event. Concurrent requests are committed together
     (services/signups.py); each answers once its own sign-up is committed."""
     try:
-        email = subscriptions.check_email(email)
+        email = subscriptions.check_recipient(svc, email)
     except subscriptions.InvalidAddress as exc:
         raise ApiError(422, "invalid_email", str(exc)) from None
     rate_limit(request, svc, email, invites=len(refs))

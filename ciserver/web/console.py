@@ -678,14 +678,23 @@ SNIPPET_LABELS = {
 }
 
 
+def snippet_limit(svc: Services) -> int:
+    """Most events a button or mailing link may carry: what one public request may ask for
+    (public.max_games), so a snippet never makes a link the server refuses."""
+    public = _public()
+    limit = getattr(public, "max_games", None) if public is not None else None
+    return int(limit(svc)) if callable(limit) else 100
+
+
 def snippets(svc: Services, event_ids: list[str]) -> dict[str, str]:
     """Label -> code to copy, from the public pages' embed_snippets (none before they exist,
-    and none for a page that shows no events)."""
+    and none for a page that shows no events). At most snippet_limit() events, the page's
+    first: page_form.html says so when the page has more (its own address covers them all)."""
     public = _public()
     make = getattr(public, "embed_snippets", None) if public is not None else None
     if make is None or not event_ids:
         return {}
-    got = make(svc.config.base_url, event_ids)
+    got = make(svc.config.base_url, event_ids[:snippet_limit(svc)])
     if not isinstance(got, dict):
         return {}
     return {SNIPPET_LABELS.get(str(k), str(k)): str(val) for k, val in got.items()}
@@ -717,6 +726,7 @@ async def _editor(v: Visit, *, page: Page | None, values: dict[str, Any], status
         preview_src="/console/preview?" + preview_query(values),
         share=share_url(v.svc, page.slug) if page else "",
         snippets=snippets(v.svc, shown) if page else {}, shown=len(shown),
+        snippet_limit=snippet_limit(v.svc),
         public_ready=_public() is not None)
 
 

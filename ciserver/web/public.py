@@ -354,6 +354,7 @@ class View:
     description: str
     organizer: str
     open: bool = True  # the form is offered
+    max_games: int = MAX_EVENTS  # most games one request may pick (see max_games())
 
     def context(self) -> dict[str, Any]:
         ld = [event_ld(g, self.organizer, self.logo_url) for g in self.games]
@@ -387,7 +388,8 @@ def settings_view(svc: Services, s: pages_svc.PageSettings, evs: Sequence[Event]
                 layout=s.layout if s.layout in pages_svc.LAYOUTS else "list",
                 theme=theme_of(s), logo_url=safe_url(s.logo_url), games=games,
                 action=f"/p/{slug}", canonical=f"{svc.config.base_url}/p/{slug}",
-                description=description, organizer=organizer, open=bool(games))
+                description=description, organizer=organizer, open=bool(games),
+                max_games=max_games(svc))
 
 
 def event_view(svc: Services, e: Event) -> View:
@@ -410,12 +412,33 @@ class InviteForm:
     honeypot: bool
 
 
-def _split_ids(values: Sequence[object], limit: int = MAX_EVENTS) -> list[str]:
+def max_games(svc: Services) -> int:
+    """Most games one public request (page form, email call to action, API) may ask for:
+    the API's MAX_EVENTS, and never more than one mailbox's daily invite allowance
+    ([web] rate_limit_invites_per_address, which counts one invite per game): a request
+    above that could never pass rate_limit(), and "try again later" would be untrue."""
+    cap = svc.config.web.rate_limit_invites_per_address
+    return min(MAX_EVENTS, cap) if cap > 0 else MAX_EVENTS
+
+
+def too_many_games(svc: Services, count: int) -> str:
+    """The refusal for a request over max_games(), or "" when it fits. Requests are refused
+    whole, never cut short: cutting would answer "Done!" for games that were never sent."""
+    limit = max_games(svc)
+    if count <= limit:
+        return ""
+    return (f"Pick at most {limit} games at a time (you picked {count}); "
+            "send the others in a second request.")
+
+
+def _split_ids(values: Sequence[object]) -> list[str]:
+    """Event ids from form or query values ("A,B" or repeated), without duplicates. All of
+    them: callers refuse too many (too_many_games) rather than drop some silently."""
     out: list[str] = []
     for value in values:
         if isinstance(value, str):
             out.extend(p.strip() for p in value.split(",") if p.strip())
-    return list(dict.fromkeys(out))[:limit]
+    return list(dict.fromkeys(out))
 
 
 async def read_invite_form(request: Request) -> InviteForm:
@@ -481,8 +504,11 @@ async def submit(request: Request, svc: Services, view: View, offered: Sequence[
     if form.honeypot:  # only bots fill it: answer like success, send nothing
         return confirmation(request, view, form.email, [(game_of(svc, e), True) for e in picked],
                             view.action)
+    too_many = too_many_games(svc, len(wanted))
+    if too_many:
+        return fail(422, "too_many_events", too_many, "events")
     try:
-        email = subscriptions.check_email(form.email)
+        email = subscriptions.check_recipient(svc, form.email)
     except subscriptions.InvalidAddress:
         return fail(422, "invalid_email", "Please enter a valid email address.", "email")
     if len(picked) != len(wanted):
@@ -635,7 +661,7 @@ async def _cta_events(svc: Services, refs: Sequence[str]) -> list[Event] | None:
         return None
     found: dict[int, Event] = {}
     async with svc.sessions() as session:
-        for ref in refs[:50]:
+        for ref in refs:  # callers have refused more than max_games() (_cta_too_many)
             try:
                 event = await events_svc.find(session, ref)
             except events_svc.NotFound:
@@ -663,8 +689,26 @@ def _cta_render(request: Request, svc: Services, evs: Sequence[Event], action: s
                   message=message, error=error, theme_css=DEFAULT_THEME.css())
 
 
+def _cta_too_many(request: Request, svc: Services, count: int) -> Response | None:
+    """The refusal of a link (or its form) naming more games than one request may add, or
+    None. The whole link is refused: showing and sending only the first games would tell
+    the reader "Done!" about games never sent. The reader cannot fix a link, so the page
+    says who can; the console never makes such links (console.snippets)."""
+    if count <= max_games(svc):
+        return None
+    message = (f"This link lists {count} games, but at most {max_games(svc)} can be added "
+               "at a time. Please ask the organizer for a link with fewer games.")
+    return render(request, "cta.html", 422, headers=_PRIVATE,
+                  title="Too many games · add to your calendar", games=[], open_count=0,
+                  events_value="", action="/i", email="", typed="", email_ok=False, token="",
+                  message=message, error=True, theme_css=DEFAULT_THEME.css())
+
+
 async def _cta_get(request: Request, refs: Sequence[str], action: str) -> Response:
     svc: Services = request.app.state.svc
+    refused = _cta_too_many(request, svc, len(refs))
+    if refused is not None:
+        return refused
     evs = await _cta_events(svc, refs)
     if evs is None:
         return not_found(request, "Event not found")
@@ -681,7 +725,10 @@ async def _cta_get(request: Request, refs: Sequence[str], action: str) -> Respon
 async def _cta_post(request: Request, refs: Sequence[str] | None, action: str) -> Response:
     svc: Services = request.app.state.svc
     form = await request.form()
-    refs = list(refs) if refs else _split_ids(form.getlist("events"), 50)
+    refs = list(refs) if refs else _split_ids(form.getlist("events"))
+    refused = _cta_too_many(request, svc, len(refs))
+    if refused is not None:
+        return refused
     evs = await _cta_events(svc, refs)
     if evs is None:
         return not_found(request, "Event not found")
@@ -692,7 +739,7 @@ async def _cta_post(request: Request, refs: Sequence[str] | None, action: str) -
                            "This event is cancelled." if len(evs) == 1
                            else "These events are cancelled.", error=True)
     try:
-        email = subscriptions.check_email(raw)
+        email = subscriptions.check_recipient(svc, raw)
     except subscriptions.InvalidAddress:
         return _cta_render(request, svc, evs, action, raw, 422,
                            "Please enter a valid email address.", error=True)
@@ -749,7 +796,7 @@ async def cta_one_post(event_id: str, request: Request) -> Response:
 
 @router.get("/i", response_class=HTMLResponse)
 async def cta_many(request: Request) -> Response:
-    refs = _split_ids(request.query_params.getlist("events"), 50)
+    refs = _split_ids(request.query_params.getlist("events"))
     return await _cta_get(request, refs, "/i")
 
 
@@ -778,6 +825,8 @@ def embed_snippets(base_url: str, event_ids: Sequence[str],
     ids = list(dict.fromkeys(i.strip() for i in event_ids if i.strip()))
     if not ids:
         raise ValueError("embed_snippets: give at least one event id")
+    if len(ids) > MAX_EVENTS:  # the server would refuse the button's and the link's requests
+        raise ValueError(f"embed_snippets: at most {MAX_EVENTS} event ids, not {len(ids)}")
     if len(ids) == 1:
         attr = f'data-event="{escape(ids[0])}"'
         page = f"{base}/e/{quote(ids[0], safe='')}"

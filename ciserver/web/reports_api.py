@@ -21,10 +21,12 @@ from ..services import charts, reports, subscriptions
 from ..services.apikeys import Principal
 from ..services.context import Services
 from ..store.models import Event
-from .api import Counts, PrincipalDep, SvcDep, visible_event
+from .api import Counts, KnownQuery, PrincipalDep, SvcDep, visible_event
 from .errors import ApiError
 
-router = APIRouter(prefix="/api/v1", tags=["reports"])
+# KnownQuery: a parameter these routes do not take (?offset=, ?page=) is a 422 naming the
+# ones they do (?cursor=), not the same first page again and again.
+router = APIRouter(prefix="/api/v1", tags=["reports"], dependencies=[KnownQuery])
 
 MAX_PAGE = 10000
 Limit = Annotated[int | None, Query(ge=1, le=MAX_PAGE, description="rows per page "

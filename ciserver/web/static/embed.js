@@ -60,7 +60,10 @@
     var out = [];
     raw.split(",").forEach(function (part) {
       part = part.trim();
-      if (part && out.indexOf(part) < 0 && out.length < 200) { out.push(part); }
+      /* All of them, never the first few: the server refuses a list that is too long with
+         a message naming its limit, where a cut list would answer "Done!" for games it
+         never sent. */
+      if (part && out.indexOf(part) < 0) { out.push(part); }
     });
     return out;
   }
@@ -187,13 +190,16 @@
           return;
         }
         if (res.status === 429) { fail("Too many requests; please try again later.", false); return; }
-        if (res.status === 422) {
+        var err = (res.data && res.data.error) || {};
+        /* Only a refused address is the visitor's to fix; any other 422 (too many games on
+           the button, say) is shown as the server words it, naming the real problem. */
+        if (res.status === 422 && (err.code === "invalid_email" || !err.message ||
+                                   /^email\b/.test(err.message))) {
           fail("Please enter a valid email address.", false);
           input.focus();
           return;
         }
-        var err = res.data && res.data.error;
-        fail((err && err.message) || "The invite could not be sent.", res.status >= 500);
+        fail(err.message || "The invite could not be sent.", res.status >= 500);
       }, function () {
         fail("Could not reach the invite server.", true);
       });
