@@ -805,3 +805,16 @@ def test_embed_js_shows_the_servers_message(tmp_path: Any) -> None:
                 assert shown in status.inner_text()
         finally:
             browser.close()
+
+
+async def test_an_organizer_without_a_name_is_shown_by_domain(
+        sqlite_svc: Services, client: httpx.AsyncClient) -> None:
+    """No organizer name: the page names the organizer's domain, never their mailbox
+    (public pages are read by address harvesters too)."""
+    async with sqlite_svc.sessions.begin() as session:
+        event = await events.create_via_api(
+            sqlite_svc, session, organizer=ORGANIZER, organizer_name="", summary="Open day",
+            start=GAME_1, end=GAME_1 + timedelta(hours=2))
+    html = (await client.get(f"/e/{event.public_id}")).text
+    assert f"Organizer: {ORGANIZER.rpartition('@')[2]}" in html
+    assert ORGANIZER not in html

@@ -397,7 +397,10 @@ def event_view(svc: Services, e: Event) -> View:
     return View(kind="event", title=g.summary, intro="", layout="single", theme=DEFAULT_THEME,
                 logo_url="", games=[g], action=f"/e/{e.public_id}", canonical=g.url,
                 description=_squash(g.when + (f" · {g.location}" if g.location else "")),
-                organizer=e.organizer_name or e.organizer_email, open=not g.cancelled)
+                # the organizer's name, else only their domain: a public page must not hand
+                # their mailbox to address harvesters
+                organizer=e.organizer_name or e.organizer_email.rpartition("@")[2],
+                open=not g.cancelled)
 
 
 # --------------------------------------------------------------------------------------------
