@@ -719,3 +719,32 @@ async def test_a_plain_reply_from_someone_else_names_its_writer(
     text = body.decode()
     assert "Jana Kolleg <j@example.de> (to fan.four@example.com's invite address)" in text
     assert "Is there parking?" in text
+
+
+async def test_later_invites_keep_each_occurrences_own_answer(pipeline: Pipeline) -> None:
+    """Yes to the series, No to one game: when the organizer moves that game, the update's
+    override VEVENT carries DECLINED (the calendar must not show it accepted again), the
+    series ACCEPTED; a fan who answered no occurrence gets the series' answer in both."""
+    p = pipeline
+    game = await game_night(p, FAN_ONE, FAN_TWO)
+    rid = "RECURRENCE-ID;TZID=America/New_York:20260311T190000"
+    for fan in (FAN_ONE, FAN_TWO):
+        await send_itip(p, game, fan, itip("REPLY", game, fan, partstat="ACCEPTED"))
+    await send_itip(p, game, FAN_ONE, itip("REPLY", game, FAN_ONE, partstat="DECLINED",
+                                           rid=rid))
+    p.sink.clear()
+    second = datetime(2026, 3, 11, 23, 0, tzinfo=UTC)
+    raw = organizer_mail("google", uid=ORG_UID, sequence=1,
+                         dtstamp=datetime(2026, 2, 20, tzinfo=UTC),
+                         start=second + timedelta(hours=1),
+                         end=second + timedelta(hours=4), summary="Game night (late start)",
+                         recurrence_id=second)
+    row = await p.deliver(f"create@{DOMAIN}", raw, ORGANIZER)
+    assert row.status == "done" and "updated event" in row.result, row.result
+    for fan, expected in ((FAN_ONE, "DECLINED"), (FAN_TWO, "ACCEPTED")):
+        [msg] = mail_to(p, fan)
+        evs = Calendar.from_ical(msg.calendar()).walk("VEVENT")
+        master = next(e for e in evs if "RECURRENCE-ID" not in e)
+        override = next(e for e in evs if "RECURRENCE-ID" in e)
+        assert master["ATTENDEE"].params["PARTSTAT"] == "ACCEPTED", fan
+        assert override["ATTENDEE"].params["PARTSTAT"] == expected, fan

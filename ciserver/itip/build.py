@@ -13,7 +13,8 @@ import binascii
 import html
 import re
 import secrets
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from email.header import Header
 from email.utils import format_datetime, formataddr
@@ -23,6 +24,7 @@ from icalendar import Calendar, Event, Timezone, vCalAddress, vText
 from icalendar.parser import Parameters
 
 from . import content as content_mod
+from .parse import recurrence_key
 
 # Lone surrogates too: not text (a JSON "\ud800" decodes to one) and no UTF-8 for them.
 _CONTROL_RUN = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
@@ -56,6 +58,9 @@ class OutboundRecipient:
     rsvp_address: str
     unsubscribe_address: str
     unsubscribe_url: str
+    # occurrence key -> the answer for that one occurrence: its override VEVENT carries it
+    # (else the whole-event partstat), so a calendar never shows a declined game as accepted
+    occurrences: Mapping[str, str] = field(default_factory=dict)
 
 
 @lru_cache(maxsize=256)
@@ -130,6 +135,7 @@ class InviteTemplate:
     def __init__(self, event: OutboundEvent, domain: str, now: datetime) -> None:
         self.event = event
         self.method = "CANCEL" if event.cancelled else "REQUEST"
+        self._part_keys: list[str] = []  # the occurrence key of each VEVENT, in order
         self._calendar_parts = self._calendar(now).split(_PERSONAL)
         subject, self._text, self._html = self._bodies(domain)
         self._subject = (Header(subject, "utf-8", header_name="Subject").encode(linesep="\n")
@@ -152,6 +158,7 @@ class InviteTemplate:
         for src in content_mod.load(event.content):
             ev = Event()
             ev.add("X-CIS-PERSONAL", "1")  # replaced by DTSTAMP, ORGANIZER, ATTENDEE
+            self._part_keys.append(recurrence_key(src))
             ev.add("UID", event.uid)
             ev.add("SEQUENCE", event.sequence)
             for name, value in src.property_items(recursive=False):
@@ -217,17 +224,26 @@ class InviteTemplate:
 
     # -- personal parts -------------------------------------------------------------------
     def calendar(self, to: OutboundRecipient, now: datetime) -> str:
-        params = {"PARTSTAT": to.partstat or "NEEDS-ACTION", "ROLE": "REQ-PARTICIPANT"}
-        if to.name:
-            params["CN"] = header_safe(to.name)
-        if not self.event.cancelled:
-            params["RSVP"] = "TRUE"
-        personal = "\r\n".join((
-            f"DTSTAMP:{now.astimezone(UTC):%Y%m%dT%H%M%SZ}",
-            fold(f"ORGANIZER;{self._organizer_params}:mailto:{to.rsvp_address}"),
-            fold(f"ATTENDEE;{Parameters(params).to_ical(sorted=True).decode()}"
-                 f":mailto:{to.email}")))
-        return personal.join(self._calendar_parts)
+        def personal(partstat: str) -> str:
+            params = {"PARTSTAT": partstat or "NEEDS-ACTION", "ROLE": "REQ-PARTICIPANT"}
+            if to.name:
+                params["CN"] = header_safe(to.name)
+            if not self.event.cancelled:
+                params["RSVP"] = "TRUE"
+            return "\r\n".join((
+                f"DTSTAMP:{now.astimezone(UTC):%Y%m%dT%H%M%SZ}",
+                fold(f"ORGANIZER;{self._organizer_params}:mailto:{to.rsvp_address}"),
+                fold(f"ATTENDEE;{Parameters(params).to_ical(sorted=True).decode()}"
+                     f":mailto:{to.email}")))
+
+        parts = self._calendar_parts
+        if not to.occurrences:  # the common case: one block for every VEVENT
+            return personal(to.partstat).join(parts)
+        out = [parts[0]]
+        for key, part in zip(self._part_keys, parts[1:], strict=True):
+            out += [personal(to.occurrences.get(key, to.partstat) if key else to.partstat),
+                    part]
+        return "".join(out)
 
     def render(self, to: OutboundRecipient, *, now: datetime, message_id: str) -> bytes:
         """The whole personal message, CRLF line ends, ready to send (and sign)."""

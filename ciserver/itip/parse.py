@@ -236,6 +236,12 @@ def _time_prop(comp: Event, name: str) -> date | None:
     return normalize_time(value, str(tzid) if tzid else None)
 
 
+def recurrence_key(comp: Event) -> str:
+    """The occurrence a VEVENT overrides, keyed as answers are (occurrence_key); "" for the
+    master."""
+    return occurrence_key(_time_prop(comp, "RECURRENCE-ID"))
+
+
 def _list_times(comp: Event, name: str) -> list[date]:
     props = comp.get(name)
     if props is None:

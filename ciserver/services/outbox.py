@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from .. import metrics
 from ..addresses import Kind, domain_of
 from ..itip import build
-from ..store.models import Event, OutboxItem, Subscription, UTCDateTime
+from ..store.models import Answer, Event, OutboxItem, Subscription, UTCDateTime
 from .context import Services
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,11 @@ async def prepare(svc: Services, item_id: int) -> Delivery | None:
             item.state, item.updated_at = "cancelled", now
             item.last_response = "subscription is no longer active"
             return None
+        occurrences: dict[str, str] = {}
+        if "RECURRENCE-ID" in event.content:  # overrides: answers to single occurrences
+            occurrences = {occ: partstat for occ, partstat in (await session.execute(
+                select(Answer.occurrence, Answer.partstat).where(
+                    Answer.subscription_id == sub.id, Answer.occurrence != ""))).all()}
         book = svc.book
         token = book.token(sub.id)
         raw = build.render_invite(
@@ -176,7 +181,7 @@ async def prepare(svc: Services, item_id: int) -> Delivery | None:
                 email=sub.email, name=sub.name, partstat=sub.partstat,
                 rsvp_address=book.address(Kind.RSVP, sub.id),
                 unsubscribe_address=book.address(Kind.UNSUBSCRIBE, sub.id),
-                unsubscribe_url=svc.unsubscribe_url(token)),
+                unsubscribe_url=svc.unsubscribe_url(token), occurrences=occurrences),
             now=now, message_id=new_message_id(svc), domain=book.domain)
         return Delivery(item.id, book.address(Kind.BOUNCE, sub.id), sub.email, sign(svc, raw),
                         event.sequence)
@@ -270,6 +275,7 @@ class Claimed:
 _OUTBOX = cast(Table, OutboxItem.__table__)
 _SUBS = cast(Table, Subscription.__table__)
 _EVENTS = cast(Table, Event.__table__)
+_ANSWERS = cast(Table, Answer.__table__)
 
 
 async def claim_batch(svc: Services, limit: int,
@@ -352,6 +358,18 @@ async def prepare_batch(svc: Services, claimed: list[Claimed],
                                e.organizer_name, e.organizer_email, e.updated_at)
                         .where(e.id.in_(wanted)))).all():
                     events[ev.id] = ev
+    # Answers to single occurrences, for events with overrides only (one query; most
+    # events have none, and a fan-out must not pay for it).
+    per_occurrence: dict[int, dict[str, str]] = {}
+    with_overrides = [sid for sid, row in subs.items()
+                      if row.event_id in events and "RECURRENCE-ID" in events[row.event_id].content]
+    if with_overrides:
+        a = _ANSWERS.c
+        async with svc.engine.connect() as conn:
+            for sid, occ, partstat in (await conn.execute(
+                    select(a.subscription_id, a.occurrence, a.partstat).where(
+                        a.subscription_id.in_(with_overrides), a.occurrence != ""))).all():
+                per_occurrence.setdefault(sid, {})[occ] = partstat
     book = svc.book
     out: list[Delivery] = []
     gone: list[int] = []
@@ -372,7 +390,8 @@ async def prepare_batch(svc: Services, claimed: list[Claimed],
                     email=sub.email, name=sub.name, partstat=sub.partstat,
                     rsvp_address=f"rsvp+{token}@{book.domain}",
                     unsubscribe_address=f"unsubscribe+{token}@{book.domain}",
-                    unsubscribe_url=svc.unsubscribe_url(token)),
+                    unsubscribe_url=svc.unsubscribe_url(token),
+                    occurrences=per_occurrence.get(sub.id, {})),
                 now=now, message_id=new_message_id(svc))
         except Exception as exc:
             # One item that cannot be built (an address stored before it would have been
