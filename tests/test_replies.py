@@ -748,3 +748,22 @@ async def test_later_invites_keep_each_occurrences_own_answer(pipeline: Pipeline
         override = next(e for e in evs if "RECURRENCE-ID" in e)
         assert master["ATTENDEE"].params["PARTSTAT"] == "ACCEPTED", fan
         assert override["ATTENDEE"].params["PARTSTAT"] == expected, fan
+
+
+@pytest.mark.parametrize("attendee", [
+    "ATTENDEE;CN=Fan One;EMAIL={fan};PARTSTAT=ACCEPTED:urn:uuid:0b5e8f1c-1f0e-4a53-9d6e-2f6a",
+    'ATTENDEE;CN=Fan One;EMAIL="{fan}";PARTSTAT=ACCEPTED:urn:uuid:0b5e8f1c-1f0e-4a53-9d6e',
+    "ATTENDEE;PARTSTAT=ACCEPTED:mailto:{escaped}",
+])
+async def test_apple_style_attendee_values_are_understood(sqlite_pipeline: Pipeline,
+                                                          attendee: str) -> None:
+    """Apple's servers may name the attendee by a urn:uuid with the address in the EMAIL
+    parameter (RFC 7986); a mailto: URI may percent-escape its @."""
+    p = sqlite_pipeline
+    game = await game_night(p, FAN_ONE)
+    line = attendee.format(fan=FAN_ONE, escaped=FAN_ONE.replace("@", "%40"))
+    ical = itip("REPLY", game, FAN_ONE, partstat="ACCEPTED")
+    ical = "\r\n".join(line if x.startswith("ATTENDEE") else x for x in ical.split("\r\n"))
+    row = await send_itip(p, game, FAN_ONE, ical)
+    assert row.status == "done" and f"{FAN_ONE} answered ACCEPTED" in row.result, row.result
+    assert (await p.attendees(game.id))[FAN_ONE]["rsvp"] == "Y"

@@ -21,7 +21,15 @@ from typing import Any
 
 from icalendar import Event, Timezone, vRecur
 
-from .parse import Component, ItipObject, Person, normalize_time, occurrence_key, resolve_zone
+from .parse import (
+    Component,
+    ItipObject,
+    Person,
+    address_of,
+    normalize_time,
+    occurrence_key,
+    resolve_zone,
+)
 
 _UNFOLD = re.compile(r"\r?\n[ \t]")
 _DT = re.compile(r"^(\d{8})T(\d{6})(Z?)$")
@@ -147,10 +155,8 @@ def _stamp(value: str) -> datetime:
 
 
 def _person(params: dict[str, str], value: str) -> Person:
-    email = value.strip()
-    if email[:7].lower() == "mailto:":
-        email = email[7:]
-    return Person(email=email.strip().lower(), name=params.get("CN", "").strip(),
+    return Person(email=address_of(value, params.get("EMAIL", "")),
+                  name=params.get("CN", "").strip(),
                   partstat=params.get("PARTSTAT", "").strip().upper(),
                   comment=params.get("X-RESPONSE-COMMENT", "").strip())
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import Any
+from urllib.parse import unquote
 
 from icalendar import Calendar, Event
 from icalendar.timezone.windows_to_olson import WINDOWS_TO_OLSON
@@ -212,13 +213,28 @@ def _stamp(comp: Event, name: str) -> datetime | None:
     return None
 
 
+def address_of(value: str, email_param: str = "") -> str:
+    """The mail address of an ORGANIZER or ATTENDEE value, lower case: ``mailto:`` dropped,
+    percent-escapes decoded (``mailto:fan%40example.net`` is a valid URI for the same
+    address), and for a value that is no address (Apple's ``urn:uuid:…``) the EMAIL
+    parameter (RFC 7986 6.2), which such clients add."""
+    address = value.strip()
+    if address[:7].lower() == "mailto:":
+        address = address[7:]
+    if "%" in address:
+        address = unquote(address)
+    address = address.strip()
+    if "@" not in address and "@" in email_param:
+        address = email_param.strip().strip('"')
+        if address[:7].lower() == "mailto:":
+            address = address[7:]
+    return address.lower()
+
+
 def _person(prop: Any) -> Person:
     params = getattr(prop, "params", {}) or {}
-    email_ = str(prop).strip()
-    if email_[:7].lower() == "mailto:":
-        email_ = email_[7:]
     return Person(
-        email=email_.strip().lower(),
+        email=address_of(str(prop), str(params.get("EMAIL", ""))),
         name=str(params.get("CN", "")).strip().strip('"'),
         partstat=str(params.get("PARTSTAT", "")).strip().upper(),
         comment=str(params.get("X-RESPONSE-COMMENT", "")).strip(),
