@@ -767,3 +767,42 @@ async def test_apple_style_attendee_values_are_understood(sqlite_pipeline: Pipel
     row = await send_itip(p, game, FAN_ONE, ical)
     assert row.status == "done" and f"{FAN_ONE} answered ACCEPTED" in row.result, row.result
     assert (await p.attendees(game.id))[FAN_ONE]["rsvp"] == "Y"
+
+
+async def test_an_answer_for_no_occurrence_is_not_counted(sqlite_pipeline: Pipeline) -> None:
+    """RECURRENCE-ID of a time the series never has (a typo, a stale or forged reply): no
+    row of its own in the report; real occurrences, before and after DST, still count."""
+    p = sqlite_pipeline
+    game = await game_night(p, FAN_ONE)
+    for rid, counted in (("RECURRENCE-ID:20260310T020000Z", False),
+                         ("RECURRENCE-ID;TZID=America/New_York:20260304T190000", True),
+                         ("RECURRENCE-ID:20260311T230000Z", True),
+                         ("RECURRENCE-ID:20260401T230000Z", False)):  # after COUNT=4
+        row = await send_itip(p, game, FAN_ONE, itip("REPLY", game, FAN_ONE,
+                                                     partstat="DECLINED", rid=rid))
+        assert ("no occurrence of this event" in row.result) != counted, (rid, row.result)
+    report = await p.report(game.id)
+    assert sorted(r["occurrence"] for r in report if r["occurrence"]) == [
+        "2026-03-05T00:00:00Z", "2026-03-11T23:00:00Z"]
+
+
+def test_is_occurrence() -> None:
+    from ciserver.itip import content as content_mod
+
+    def stored(*lines: str) -> str:
+        return "\r\n".join(["BEGIN:VCALENDAR", "VERSION:2.0", "BEGIN:VEVENT", "UID:content",
+                            *lines, "END:VEVENT", "END:VCALENDAR", ""])
+
+    weekly = stored("DTSTART;TZID=America/New_York:20260304T190000",
+                    "RRULE:FREQ=WEEKLY;COUNT=4", "EXDATE;TZID=America/New_York:20260318T190000")
+    assert content_mod.is_occurrence(weekly, "2026-03-05T00:00:00Z")
+    assert content_mod.is_occurrence(weekly, "2026-03-11T23:00:00Z")  # after the DST change
+    assert not content_mod.is_occurrence(weekly, "2026-03-19T00:00:00Z")  # EXDATE, 23:00Z
+    assert not content_mod.is_occurrence(weekly, "2026-03-18T23:00:00Z")
+    assert not content_mod.is_occurrence(weekly, "2026-03-12T00:00:00Z")
+    daily = stored("DTSTART;VALUE=DATE:20260301", "RRULE:FREQ=DAILY")
+    assert content_mod.is_occurrence(daily, "2027-01-01")
+    assert content_mod.is_occurrence(daily, "2027-01-01T10:00:00Z")  # mixed forms: kept
+    single = stored("DTSTART:20260301T100000Z")
+    assert content_mod.is_occurrence(single, "2026-03-01T10:00:00Z")
+    assert not content_mod.is_occurrence(single, "2026-03-02T10:00:00Z")

@@ -15,7 +15,14 @@ from typing import Any
 from dateutil.rrule import rrulestr
 from icalendar import Calendar, Event
 
-from .parse import ItipObject, clean_vevent, normalize_time, occurrence_key, to_utc
+from .parse import (
+    ItipObject,
+    clean_vevent,
+    normalize_time,
+    occurrence_key,
+    recurrence_key,
+    to_utc,
+)
 
 CONTENT_UID = "content"  # placeholder UID inside stored content; the real one is set on output
 # Series without an end: answers stay open this long past the first start.
@@ -182,6 +189,56 @@ def _beyond_walk(rule: Any, start: date, walked: date, duration: timedelta) -> d
     if until and isinstance(until[0], date):
         end = min(end, to_utc(normalize_time(until[0], None)) + duration)
     return max(end, to_utc(walked) + duration)
+
+
+def is_occurrence(content: str, key: str) -> bool:
+    """Whether ``key`` (occurrence_key form) names an occurrence of the stored series: one
+    its RRULE or RDATE makes (not an EXDATE), or one it overrides. Lenient where the series
+    cannot be walked: a rule beyond MAX_OCCURRENCES_WALKED before ``key``, or one dateutil
+    cannot read, counts every key as an occurrence rather than lose a real answer."""
+    events = load(content)
+    master = next((e for e in events if e.get("RECURRENCE-ID") is None), None)
+    if any(recurrence_key(e) == key for e in events if e.get("RECURRENCE-ID") is not None):
+        return True
+    if master is None or master.get("DTSTART") is None:
+        return False
+    start = normalize_time(master["DTSTART"].dt, _tzid(master.get("DTSTART")))
+    excluded = {occurrence_key(normalize_time(d.dt, _tzid(p)))
+                for p in _as_list(master.get("EXDATE")) for d in p.dts}
+    if key in excluded:
+        return False
+    if occurrence_key(start) == key or key in {
+            occurrence_key(normalize_time(d.dt, _tzid(p)))
+            for p in _as_list(master.get("RDATE")) for d in p.dts}:
+        return True
+    rule = master.get("RRULE")
+    if rule is None:
+        return False
+    if ("T" in key) != isinstance(start, datetime):
+        return True  # a date for a timed series or the reverse: no way to compare, so keep
+    try:
+        dtstart = start if isinstance(start, datetime) else datetime(
+            start.year, start.month, start.day)
+        for n, when in enumerate(rrulestr(rule.to_ical().decode(), dtstart=dtstart)):
+            found = occurrence_key(when if isinstance(start, datetime) else when.date())
+            if found == key:
+                return True
+            if found > key and found[:4].isdigit():  # keys sort as times: walked past it
+                return False
+            if n >= MAX_OCCURRENCES_WALKED:
+                return True
+    except (ValueError, TypeError):
+        return True
+    return False
+
+
+def _tzid(prop: Any) -> str | None:
+    tzid = prop.params.get("TZID") if prop is not None and hasattr(prop, "params") else None
+    return str(tzid) if tzid else None
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value] if value is not None else []
 
 
 def summarize(content: str) -> Summary:

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from .. import metrics
 from ..addresses import Kind, Recipient, normalize_email
 from ..itip import build
+from ..itip import content as content_mod
 from ..itip.mime import parse_message
 from ..itip.parse import Component, ItipError, ItipObject
 from ..itip.rules import AnswerStamp, answer_stamp, in_window, reply_is_current
@@ -152,6 +153,11 @@ async def _reply(svc: Services, session: AsyncSession, msg: Incoming, sub: Subsc
                                     f"message answers for {answering!r} only"))
             continue
         answering = att.email
+        if comp.recurrence_id and not content_mod.is_occurrence(event.content,
+                                                                comp.recurrence_id):
+            outcomes.append(ignored(f"RECURRENCE-ID {comp.recurrence_id} from {att.email} is "
+                                    "no occurrence of this event: nothing recorded"))
+            continue
         if att.partstat.upper() not in ANSWERS:
             # RFC 5545 3.2.12: a PARTSTAT one does not know counts as NEEDS-ACTION, and
             # NEEDS-ACTION is no answer: it must not replace a Yes, No or Maybe.
