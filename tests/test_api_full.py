@@ -906,3 +906,19 @@ async def test_csv_uploads_in_their_own_character_set_and_header_names(
         r = await post(body, ctype)
         assert r.status_code == 422, (body, r.text)
         assert message in r.json()["error"]["message"], (body, r.text)
+
+
+async def test_a_local_time_the_clocks_skip_is_refused(
+        setup: tuple[Services, httpx.AsyncClient]) -> None:
+    svc, client = setup
+    org = await key_for(svc, organizer=ORGANIZER)
+    body = {"summary": "Spring forward", "start": "2027-03-14T02:30:00",
+            "end": "2027-03-14T03:30:00", "timezone": "America/New_York"}
+    r = await client.post("/api/v1/events", headers=org, json=body)
+    assert r.status_code == 422, r.text
+    assert "02:30 does not exist on 2027-03-14 in America/New_York" in r.json()["error"][
+        "message"]
+    # the hour that happens twice (fall back) is a real time: taken, as its first pass
+    r = await client.post("/api/v1/events", headers=org, json={
+        **body, "start": "2027-11-07T01:30:00", "end": "2027-11-07T03:00:00"})
+    assert r.status_code == 201 and r.json()["start"].startswith("2027-11-07T05:30:00"), r.text

@@ -427,7 +427,13 @@ def _zoned(value: datetime, tz: str, field: str) -> datetime:
         if zone is None:
             raise ApiError(422, "invalid", f"{field}: give a UTC offset (2026-05-01T19:30:00Z) "
                                            "or a timezone")
-        return value.replace(tzinfo=zone)
+        local = value.replace(tzinfo=zone)
+        if local.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != value:
+            # In the hour the clocks skip: no such local time. Python would quietly make
+            # it the next hour's, the invite would still say the skipped one.
+            raise ApiError(422, "invalid", f"{field}: {value:%H:%M} does not exist on "
+                                           f"{value:%Y-%m-%d} in {tz} (the clocks skip it)")
+        return local
     return value.astimezone(zone or UTC)
 
 
