@@ -806,3 +806,21 @@ def test_is_occurrence() -> None:
     single = stored("DTSTART:20260301T100000Z")
     assert content_mod.is_occurrence(single, "2026-03-01T10:00:00Z")
     assert not content_mod.is_occurrence(single, "2026-03-02T10:00:00Z")
+
+
+async def test_raw_utf8_headers_reach_the_organizer_readable(sqlite_pipeline: Pipeline) -> None:
+    """SMTPUTF8 mail carries raw UTF-8 in its headers: the forwarded text has the subject as
+    written, not a row of replacement characters."""
+    p = sqlite_pipeline
+    game = await game_night(p, FAN_FOUR)
+    raw = (f"From: Fan Four <{FAN_FOUR}>\r\nTo: {game.rsvp(FAN_FOUR)}\r\n"
+           "Subject: Grüße aus Köln\r\nDate: Sat, 21 Feb 2026 19:02:44 +0100\r\n"
+           "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+           "Content-Transfer-Encoding: 8bit\r\n\r\nBis bald!\r\n").encode()
+    row = await p.deliver(game.rsvp(FAN_FOUR), raw, FAN_FOUR)
+    assert row.status == "done", row.result
+    [mail] = p.sink.messages
+    body = mail.message.get_payload(decode=True)
+    assert isinstance(body, bytes)
+    text = body.decode()
+    assert "Subject: Grüße aus Köln" in text and "\ufffd" not in text

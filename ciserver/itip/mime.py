@@ -14,7 +14,7 @@ import email.utils
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from email.header import decode_header, make_header
+from email.header import Header, decode_header, make_header
 from html.parser import HTMLParser
 
 CALENDAR_TYPES = {"text/calendar", "application/ics", "text/x-vcalendar", "application/x-ics"}
@@ -56,6 +56,17 @@ def header_text(msg: email.message.Message, name: str) -> str:
     value = msg.get(name)
     if value is None:
         return ""
+    if isinstance(value, Header):
+        # Raw 8-bit bytes in the header (SMTPUTF8 mail, or a careless client): the parser
+        # kept them as surrogate escapes, and str() of its Header would print U+FFFD for
+        # each byte. They are almost always UTF-8; else the Windows code page.
+        raw = next((v for k, v in msg.raw_items() if k.lower() == name.lower()), "")
+        data = raw.encode("ascii", "surrogateescape")
+        for charset in ("utf-8", "cp1252"):
+            try:
+                return " ".join(data.decode(charset).split())
+            except UnicodeDecodeError:
+                continue
     try:
         return str(make_header(decode_header(str(value)))).strip()
     except (UnicodeDecodeError, LookupError, ValueError):
