@@ -922,3 +922,26 @@ async def test_a_local_time_the_clocks_skip_is_refused(
     r = await client.post("/api/v1/events", headers=org, json={
         **body, "start": "2027-11-07T01:30:00", "end": "2027-11-07T03:00:00"})
     assert r.status_code == 201 and r.json()["start"].startswith("2027-11-07T05:30:00"), r.text
+
+
+async def test_an_event_that_is_over_takes_no_sign_ups(
+        setup: tuple[Services, httpx.AsyncClient]) -> None:
+    svc, client = setup
+    past = await make_event(svc, summary="Last season", start=datetime(2020, 5, 1, tzinfo=UTC))
+    coming = await make_event(svc, summary="Next game")
+    r = await client.post(f"/api/v1/events/{past}/invites", json={"email": "late@example.com"})
+    assert r.status_code == 409 and r.json()["error"]["message"] == f"event {past} is over"
+    r = await client.post("/api/v1/invites", json={"email": "late@example.com",
+                                                   "events": [coming, past]})
+    assert r.status_code == 409, r.text
+    r = await client.post(f"/api/v1/events/{coming}/invites", json={"email": "ok@example.com"})
+    assert r.status_code == 202, r.text
+    page = await client.get(f"/e/{past}")
+    assert page.status_code == 200 and "This event is over." in page.text
+    assert 'id="invite-form"' not in page.text
+    r = await client.post(f"/e/{past}", data={"email": "late@example.com",
+                                              "events": past})
+    assert r.status_code == 409 and "This event is over." in r.text
+    async with svc.sessions() as session:
+        emails = (await session.execute(select(Subscription.email))).scalars().all()
+    assert emails == ["ok@example.com"]

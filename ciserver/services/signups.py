@@ -119,6 +119,10 @@ class SignupBatcher:
         closed = next((e for e in targets if e.status == "cancelled"), None)
         if closed is not None:
             return subscriptions.EventClosed(f"event {closed.public_id} is cancelled")
+        now = self.svc.now()
+        over = next((e for e in targets if max(e.end_at, e.rsvp_until) < now), None)
+        if over is not None:
+            return subscriptions.EventClosed(f"event {over.public_id} is over")
         if self.event_limit is not None and not limited:
             wait = self.event_limit([e.public_id for e in targets])
             if wait:
@@ -190,9 +194,10 @@ class SignupBatcher:
                 signup = batch[i]
                 if kind == "ok":
                     outcomes[i] = SignedUp(public_ids, True)
-                elif kind == "closed":
+                elif kind in ("closed", "over"):
                     outcomes[i] = subscriptions.EventClosed(
-                        f"event {public.get(row_id, row_id)} is cancelled")
+                        f"event {public.get(row_id, row_id)} is "
+                        f"{'cancelled' if kind == 'closed' else 'over'}")
                 elif kind == "missing":
                     outcomes[i] = events.NotFound(f"no event {public.get(row_id, row_id)!r}")
                 else:  # subscribed before (or twice in this batch): the ORM path decides

@@ -34,7 +34,8 @@ class Item(NamedTuple):  # a tuple: one per public request (bench/web)
     origin: str
 
 
-# Per item: ("ok", queued) | ("closed", row id of a cancelled event) | ("missing", row id)
+# Per item: ("ok", queued) | ("closed", row id of a cancelled event) | ("over", row id of
+# an event whose end (a series: its last occurrence) has passed) | ("missing", row id)
 # | ("again", 0): an address subscribed before: the ORM path re-checks and re-activates.
 Result = tuple[str, int]
 
@@ -53,7 +54,8 @@ Result = tuple[str, int]
 _INSERT_NEW = (
     "INSERT INTO subscriptions (event_id, email, domain, name, status, source, origin, "
     "forwarded_by, partstat, soft_bounces, created_at, updated_at) "
-    "SELECT CASE WHEN e.status = 'cancelled' THEN NULL ELSE e.id END, "
+    "SELECT CASE WHEN e.status = 'cancelled' OR max(e.end_at, e.rsvp_until) < ? THEN NULL "
+    "ELSE e.id END, "
     "json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]'), "
     "json_extract(j.value, '$[3]'), 'active', json_extract(j.value, '$[4]'), "
     "json_extract(j.value, '$[5]'), NULL, 'NEEDS-ACTION', 0, ?, ? "
@@ -139,7 +141,7 @@ class SqliteSignupWriter:
         if _NOT_JSON_SAFE.search(text):
             return self._careful(conn, items, stamp)
         try:
-            conn.execute(_INSERT_NEW, (stamp, stamp, text))
+            conn.execute(_INSERT_NEW, (stamp, stamp, stamp, text))
             return [_OK] * len(items)
         except sqlite3.IntegrityError:
             return self._careful(conn, items, stamp)
@@ -149,9 +151,11 @@ class SqliteSignupWriter:
         conn.execute("BEGIN IMMEDIATE")  # the one writer until COMMIT
         try:
             event_ids = sorted({i for item in items for i in item.event_ids})
+            # id -> "cancelled", "over" (its end has passed) or its status
             open_events = {row[0]: row[1] for row in conn.execute(
-                f"SELECT id, status FROM events WHERE id IN ({_marks(len(event_ids))})",
-                event_ids)}
+                f"SELECT id, CASE WHEN status != 'cancelled' AND max(end_at, rsvp_until) < ? "
+                f"THEN 'over' ELSE status END FROM events "
+                f"WHERE id IN ({_marks(len(event_ids))})", [stamp, *event_ids])}
             emails = json.dumps(sorted({item.email for item in items
                                         if not _NOT_JSON_SAFE.search(item.email)}))
             known: set[tuple[int, str]] = set()
@@ -167,6 +171,9 @@ class SqliteSignupWriter:
                     results.append(("missing", gone))
                 elif closed is not None:
                     results.append(("closed", closed))
+                elif (over := next((i for i in item.event_ids if open_events.get(i) == "over"),
+                                   None)) is not None:
+                    results.append(("over", over))
                 elif (any((i, item.email) in known for i in item.event_ids)
                       or _NOT_JSON_SAFE.search(item.email + item.name + item.source
                                                 + item.origin)):

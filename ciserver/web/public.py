@@ -354,6 +354,7 @@ class View:
     description: str
     organizer: str
     open: bool = True  # the form is offered
+    closed_text: str = "This event has been cancelled."  # said instead, on an event page
     max_games: int = MAX_EVENTS  # most games one request may pick (see max_games())
 
     def context(self) -> dict[str, Any]:
@@ -400,7 +401,9 @@ def event_view(svc: Services, e: Event) -> View:
                 # the organizer's name, else only their domain: a public page must not hand
                 # their mailbox to address harvesters
                 organizer=e.organizer_name or e.organizer_email.rpartition("@")[2],
-                open=not g.cancelled)
+                open=not g.cancelled and upcoming(svc, e),
+                closed_text="This event has been cancelled." if g.cancelled
+                else "This event is over.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,11 +627,12 @@ async def event_submit(request: Request, ref: str) -> Response:
     if event is None:
         return not_found(request, "Event not found")
     view = event_view(svc, event)
-    if event.status == "cancelled":
+    if not view.open:  # cancelled, or over: nothing to sign up for
+        code = "cancelled" if event.status == "cancelled" else "over"
         if wants_json(request):
-            return JSONResponse({"ok": False, "error": {"code": "cancelled", "message":
-                                 "This event is cancelled.", "field": ""}}, 409)
-        return render(request, "event.html", 409, selected=[], message="This event is cancelled.",
+            return JSONResponse({"ok": False, "error": {"code": code, "message":
+                                 view.closed_text, "field": ""}}, 409)
+        return render(request, "event.html", 409, selected=[], message=view.closed_text,
                       error=True, email="", name="", **view.context())
     return await submit(request, svc, view, [event], origin="event-page")
 
