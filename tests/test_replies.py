@@ -824,3 +824,17 @@ async def test_raw_utf8_headers_reach_the_organizer_readable(sqlite_pipeline: Pi
     assert isinstance(body, bytes)
     text = body.decode()
     assert "Subject: Grüße aus Köln" in text and "\ufffd" not in text
+
+
+async def test_unreadable_calendar_data_from_a_customer_is_rejected(
+        sqlite_pipeline: Pipeline) -> None:
+    """A customer's client sends broken iCalendar: `rejected` with the reason (bad input),
+    not `failed`, which is for what the operator must look at."""
+    p = sqlite_pipeline
+    game = await game_night(p, FAN_ONE)
+    broken = itip("REPLY", game, FAN_ONE, partstat="ACCEPTED").replace("END:VCALENDAR\r\n", "")
+    broken = broken.replace("END:VEVENT\r\n", "")
+    row = await send_itip(p, game, FAN_ONE, broken)
+    assert row.status == "rejected" and "calendar data" in row.result, (row.status, row.result)
+    assert row.error == ""
+    assert (await p.attendees(game.id))[FAN_ONE]["rsvp"] is None

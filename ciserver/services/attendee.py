@@ -22,7 +22,7 @@ from . import batch as batches
 from . import notify, outbox, subscriptions
 from .context import Services
 from .organizer import Incoming
-from .outcome import Outcome, done, ignored, quarantined
+from .outcome import Outcome, done, ignored, quarantined, rejected
 
 log = logging.getLogger("ciserver.attendee")
 
@@ -97,11 +97,18 @@ async def _rsvp(svc: Services, session: AsyncSession, msg: Incoming, sub: Subscr
     if not ex.parts:
         if ex.auto_reply:
             return [ignored("an automatic reply (out of office), not an answer")]
-        if ex.problems:  # the message is kept as failed, for a person to look at
-            raise ItipError("no calendar data could be read: " + "; ".join(ex.problems))
+        if ex.problems:
+            return [rejected("no calendar data could be read: " + "; ".join(ex.problems))]
         return [await _forward_plain(svc, session, msg, sub, event)]
+    # Unreadable calendar data from a customer's client is `rejected`, with the reason: it is
+    # bad input, not our failure, and `failed` (what unreadable organizer mail gets) would
+    # make `ciserver status` report the server unhealthy for anyone's junk.
+    try:
+        objects = msg.objects()
+    except ItipError as exc:
+        return [rejected(f"unreadable calendar data: {exc}")]
     outcomes: list[Outcome] = []
-    for obj in msg.objects():
+    for obj in objects:
         if obj.uid.strip().lower() != event.uid.lower():
             outcomes.append(quarantined(
                 f"{obj.method} for UID {obj.uid!r}, but the token belongs to event "
