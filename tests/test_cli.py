@@ -43,6 +43,22 @@ def cli(tmp_path: Path) -> Cli:
     return c
 
 
+def drain_inbox(cli: Cli) -> None:
+    """Process the inbox the way the daemon would (nothing runs the daemon in these tests),
+    in a process of its own, with the CLI's configuration."""
+    subprocess.run([sys.executable, "-c", (
+        "import asyncio\n"
+        "from ciserver import config\n"
+        "from ciserver.services.context import Services\n"
+        "from ciserver.services import inbox\n"
+        f"cfg = config.load({str(cli.config)!r})\n"
+        "async def main():\n"
+        "    svc = Services.open(cfg)\n"
+        "    await inbox.drain(svc)\n"
+        "    await svc.close()\n"
+        "asyncio.run(main())\n")], check=True, env=cli.env, timeout=60)
+
+
 def test_needs_upgrade_first(tmp_path: Path) -> None:
     c = Cli(tmp_path)
     r = c("events", "list", code=1)
@@ -76,17 +92,7 @@ def test_keys_invites_reports_and_inbox(cli: Cli) -> None:
                     b"END:VCALENDAR\r\n")
     cli("inbox", "import", str(bad), "--to", f"create@{DOMAIN}")
     # Nothing runs the daemon here: process the inbox the way the daemon would.
-    subprocess.run([sys.executable, "-c", (
-        "import asyncio\n"
-        "from ciserver import config\n"
-        "from ciserver.services.context import Services\n"
-        "from ciserver.services import inbox\n"
-        f"cfg = config.load({str(cli.config)!r})\n"
-        "async def main():\n"
-        "    svc = Services.open(cfg)\n"
-        "    await inbox.drain(svc)\n"
-        "    await svc.close()\n"
-        "asyncio.run(main())\n")], check=True, env=cli.env, timeout=60)
+    drain_inbox(cli)
     inbox_list = cli("inbox", "list").stdout
     assert "done" in inbox_list and "failed" in inbox_list
     shown = cli("inbox", "show", "2").stdout
@@ -126,17 +132,7 @@ def test_invite_csv_in_any_character_set_and_bad_files_without_traceback(cli: Cl
     eml.write_bytes(organizer_mail("apple", uid="csv-uid-1", start=START,
                                    end=START.replace(hour=3), summary="Cup final"))
     cli("inbox", "import", str(eml), "--to", f"create@{DOMAIN}")
-    subprocess.run([sys.executable, "-c", (
-        "import asyncio\n"
-        "from ciserver import config\n"
-        "from ciserver.services.context import Services\n"
-        "from ciserver.services import inbox\n"
-        f"cfg = config.load({str(cli.config)!r})\n"
-        "async def main():\n"
-        "    svc = Services.open(cfg)\n"
-        "    await inbox.drain(svc)\n"
-        "    await svc.close()\n"
-        "asyncio.run(main())\n")], check=True, env=cli.env, timeout=60)
+    drain_inbox(cli)
     latin = cli.tmp / "latin.csv"
     latin.write_bytes("E-mail;First name;Last name\nlat@example.com;Jos\u00e9;Ni\u00f1o\n"
                       .encode("cp1252"))
