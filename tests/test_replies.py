@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from email.message import Message
 
 import pytest
 from icalendar import Calendar
@@ -137,6 +138,23 @@ async def answers(p: Pipeline, game: Game, fan: str) -> dict[str, tuple[str, str
 
 def mail_to(p: Pipeline, rcpt: str) -> list[Captured]:
     return p.sink.to(rcpt)
+
+
+def plain_reply(game: Game, fan: str, sender: str, subject: str, body: str) -> bytes:
+    """A text-only mail (no calendar data) to ``fan``'s reply address, from ``sender``
+    (a From header value), its headers and body written raw as UTF-8."""
+    return (f"From: {sender}\r\nTo: {game.rsvp(fan)}\r\nSubject: {subject}\r\n"
+            "Date: Sat, 21 Feb 2026 19:02:44 +0100\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+            f"\r\n{body}\r\n").encode()
+
+
+def forwarded_text(p: Pipeline) -> tuple[Message, str]:
+    """The one mail the organizer got, and its text."""
+    [mail] = p.sink.messages
+    body = mail.message.get_payload(decode=True)
+    assert isinstance(body, bytes)
+    return mail.message, body.decode()
 
 
 # --------------------------------------------------------------------------------------------
@@ -705,18 +723,12 @@ async def test_a_plain_reply_from_someone_else_names_its_writer(
     organizer sees who wrote, and answering reaches the writer."""
     p = sqlite_pipeline
     game = await game_night(p, FAN_FOUR)
-    raw = (f"From: Jana Kolleg <j@example.de>\r\nTo: {game.rsvp(FAN_FOUR)}\r\n"
-           "Subject: Re: Invitation: Game night\r\nDate: Sat, 21 Feb 2026 19:02:44 +0100\r\n"
-           "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
-           "Is there parking?\r\n").encode()
+    raw = plain_reply(game, FAN_FOUR, "Jana Kolleg <j@example.de>",
+                      "Re: Invitation: Game night", "Is there parking?")
     row = await p.deliver(game.rsvp(FAN_FOUR), raw, "j@example.de")
     assert row.status == "done" and "from j@example.de forwarded" in row.result, row.result
-    [mail] = p.sink.messages
-    msg = mail.message
+    msg, text = forwarded_text(p)
     assert msg["Reply-To"] == "j@example.de" and "j@example.de" in msg["Subject"]
-    body = msg.get_payload(decode=True)
-    assert isinstance(body, bytes)
-    text = body.decode()
     assert "Jana Kolleg <j@example.de> (to fan.four@example.com's invite address)" in text
     assert "Is there parking?" in text
 
@@ -813,16 +825,11 @@ async def test_raw_utf8_headers_reach_the_organizer_readable(sqlite_pipeline: Pi
     written, not a row of replacement characters."""
     p = sqlite_pipeline
     game = await game_night(p, FAN_FOUR)
-    raw = (f"From: Fan Four <{FAN_FOUR}>\r\nTo: {game.rsvp(FAN_FOUR)}\r\n"
-           "Subject: Grüße aus Köln\r\nDate: Sat, 21 Feb 2026 19:02:44 +0100\r\n"
-           "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
-           "Content-Transfer-Encoding: 8bit\r\n\r\nBis bald!\r\n").encode()
+    raw = plain_reply(game, FAN_FOUR, f"Fan Four <{FAN_FOUR}>", "Grüße aus Köln",
+                      "Bis bald!")
     row = await p.deliver(game.rsvp(FAN_FOUR), raw, FAN_FOUR)
     assert row.status == "done", row.result
-    [mail] = p.sink.messages
-    body = mail.message.get_payload(decode=True)
-    assert isinstance(body, bytes)
-    text = body.decode()
+    _, text = forwarded_text(p)
     assert "Subject: Grüße aus Köln" in text and "\ufffd" not in text
 
 
